@@ -1,0 +1,266 @@
+"""The ``mninorm`` command: the BIDS Apps command line, and the one place that turns errors into
+exit codes (see ``errors.ExitCode``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bids_app import __version__
+from bids_app.errors import ExitCode, MninormError, UsageError
+from bids_app.settings import (
+    DEFAULT_SEED,
+    DEFAULT_SPACE,
+    PRESETS,
+    SKULL_STRIP_MODES,
+    Settings,
+    check_folders,
+    parse_output_space,
+)
+
+log = logging.getLogger("bids_app")
+
+THREAD_VARIABLES = (
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with ExitCode.USAGE (64), as the BIDS execution spec proposes."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mninorm",
+        description="Normalise every T1w of a BIDS dataset to MNI templates (BIDS App).",
+        epilog=(
+            "Exit codes: 0 success; 1 a participant failed (others still ran); 16 invalid BIDS "
+            "input; 17 unknown analysis level; 18 labels or filters matched nothing; 64 usage "
+            "error; 66 missing input; 69 template unavailable offline."
+        ),
+    )
+    parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
+    parser.add_argument(
+        "analysis_level", help="'participant' (per participant) or 'group' (across participants)"
+    )
+    parser.add_argument("--version", action="version", version=f"mninorm {__version__}")
+
+    select = parser.add_argument_group("what to process")
+    select.add_argument(
+        "--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
+        help="participants to process, with or without 'sub-' (default: all)",
+    )  # fmt: skip
+    select.add_argument(
+        "--session-label", "--session_label", nargs="+", default=[], metavar="LABEL",
+        help="sessions to process, with or without 'ses-' (default: all)",
+    )  # fmt: skip
+    select.add_argument(
+        "--bids-filter-file", "--bids_filter_file", type=Path, metavar="FILE",
+        help='JSON of pybids entity filters for the T1w query, e.g. {"t1w": {"acquisition": '
+        '"mprage", "reconstruction": null}} (null = entity absent)',
+    )  # fmt: skip
+    select.add_argument(
+        "--skip-bids-validation", "--skip_bids_validation", action="store_true",
+        help="do not validate the input dataset with pybids",
+    )  # fmt: skip
+
+    method = parser.add_argument_group("normalisation")
+    method.add_argument(
+        "--output-spaces", nargs="+", default=[DEFAULT_SPACE], metavar="SPACE",
+        help="TemplateFlow templates, each optionally with a resolution index: "
+        "MNI152NLin2009cAsym, MNI152NLin6Asym:res-2 (res-N is TemplateFlow's index, not mm; "
+        f"default {DEFAULT_SPACE} on its res-1 grid)",
+    )  # fmt: skip
+    method.add_argument(
+        "--preset", choices=PRESETS, default="precise",
+        help="registration settings: 'precise' (default) or 'fast' (quick looks, tests)",
+    )  # fmt: skip
+    method.add_argument(
+        "--skull-strip", choices=SKULL_STRIP_MODES, default="auto",
+        help="auto (default): skip brain extraction for images that are already skull-stripped; "
+        "force: always extract; skip: never (the input is a brain image)",
+    )  # fmt: skip
+    method.add_argument(
+        "--random-seed", type=int, default=DEFAULT_SEED,
+        help=f"seed for ANTs' sampling (default {DEFAULT_SEED}; recorded in every sidecar)",
+    )  # fmt: skip
+
+    run = parser.add_argument_group("resources")
+    run.add_argument(
+        "-w", "--work-dir", type=Path,
+        help="keep intermediate files here (default: a temporary folder, removed at the end)",
+    )  # fmt: skip
+    run.add_argument(
+        "--nthreads", "--n_cpus", type=int, default=os.cpu_count() or 1,
+        help="threads for the whole run (default: all CPUs)",
+    )  # fmt: skip
+    run.add_argument(
+        "--omp-nthreads", type=int,
+        help="threads for one participant (default: --nthreads, up to 8); participants run in "
+        "parallel when --nthreads allows more than one",
+    )  # fmt: skip
+
+    output = parser.add_argument_group("messages")
+    output.add_argument("-v", "--verbose", action="count", default=0, help="more messages")
+    output.add_argument("-q", "--quiet", action="count", default=0, help="fewer messages")
+    output.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    output.add_argument(
+        "--in-process", action="store_true",
+        help="run participants in this process instead of one process each (debugging)",
+    )  # fmt: skip
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from bids_app.discovery import load_filter_file
+
+    if args.analysis_level not in ("participant", "group"):
+        raise _UnknownLevel(args.analysis_level)
+    if args.nthreads < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
+        raise UsageError("--nthreads and --omp-nthreads must be at least 1")
+    check_folders(args.bids_dir, args.output_dir, args.work_dir)
+    spaces = tuple(dict.fromkeys(parse_output_space(s) for s in args.output_spaces))
+    omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
+    return Settings(
+        bids_dir=args.bids_dir.resolve(),
+        output_dir=args.output_dir.resolve(),
+        analysis_level=args.analysis_level,
+        participant_labels=tuple(args.participant_label),
+        session_labels=tuple(args.session_label),
+        bids_filters=load_filter_file(args.bids_filter_file),
+        skip_bids_validation=args.skip_bids_validation,
+        output_spaces=spaces,
+        work_dir=args.work_dir.resolve() if args.work_dir else None,
+        nthreads=args.nthreads,
+        omp_nthreads=omp,
+        random_seed=args.random_seed,
+        skull_strip=args.skull_strip,
+        preset=args.preset,
+        in_process=args.in_process,
+    )
+
+
+class _UnknownLevel(MninormError):
+    exit_code = ExitCode.UNKNOWN_LEVEL
+
+    def __init__(self, level: str):
+        super().__init__(f"unknown analysis level {level!r}: use 'participant' or 'group'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose - args.quiet)
+    try:
+        settings = settings_from_args(args)
+        _set_thread_environment(settings.omp_nthreads)
+        if settings.analysis_level == "group":
+            return run_group(settings)
+        return run_participant_level(settings)
+    except MninormError as err:
+        if args.debug:
+            raise
+        log.error("%s", err)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return int(ExitCode.INTERRUPTED)
+
+
+def run_participant_level(settings: Settings) -> int:
+    from bids_app import derivatives
+    from bids_app.discovery import collect_t1w
+    from bids_app.pipeline import resolve_templates, run_participants
+
+    selection = collect_t1w(
+        settings.bids_dir,
+        settings.participant_labels,
+        settings.session_labels,
+        settings.bids_filters,
+        validate=not settings.skip_bids_validation,
+    )
+    for subject in selection.subjects_without_t1w:
+        log.error("sub-%s: no T1w image found (anat/*_T1w.nii[.gz]); skipped", subject)
+    templates = resolve_templates(settings.output_spaces)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    count = sum(len(t1ws) for t1ws in selection.t1w_by_subject.values())
+    log.info(
+        "%d T1w image(s) of %d participant(s); spaces: %s; preset %s; %d thread(s) each",
+        count, len(selection.t1w_by_subject), ", ".join(map(str, settings.output_spaces)),
+        settings.preset, settings.omp_nthreads,
+    )  # fmt: skip
+    with _work_dir(settings.work_dir) as work_dir:
+        outcomes = run_participants(
+            selection.t1w_by_subject, settings, templates, work_dir, logging.getLogger().level
+        )
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in outcomes:
+        status = f"ok in {outcome.seconds:.0f} s" if outcome.ok else f"FAILED: {outcome.message}"
+        log.info("%s: %s", outcome.source, status)
+    if failed or selection.subjects_without_t1w:
+        return int(ExitCode.PARTICIPANT_FAILED)
+    return int(ExitCode.OK)
+
+
+def run_group(settings: Settings) -> int:
+    log.warning(
+        "the group level is not implemented yet in mninorm %s: nothing to do (the participant "
+        "level's outputs in %s are complete on their own)",
+        __version__,
+        settings.output_dir,
+    )
+    return int(ExitCode.OK)
+
+
+class _work_dir:
+    """The given work folder (kept), or a temporary one (removed)."""
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        self._tmp = None
+
+    def __enter__(self) -> Path:
+        if self._path is not None:
+            self._path.mkdir(parents=True, exist_ok=True)
+            return self._path
+        self._tmp = tempfile.TemporaryDirectory(prefix="mninorm-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _set_thread_environment(threads: int) -> None:
+    # Before ants is imported (here or in the participants' processes): ITK reads it at import.
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        verbosity, logging.DEBUG if verbosity > 0 else logging.ERROR
+    )
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
+    )
+    logging.captureWarnings(True)
+    for noisy in ("bids", "templateflow", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Everything about what is written: the one table of output names, atomic writes, sidecars,
+``dataset_description.json`` and ``.bidsignore``.
+
+Names follow sMRIPrep. BIDS has no entity or suffix for Jacobian maps: they are
+``desc-nonlinear_logjacobian`` / ``desc-total_logjacobian`` and listed in ``.bidsignore``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from bids_app import __version__
+from bids_app.discovery import T1wInput
+from bids_app.settings import OutputSpace
+
+CODE_URL = "https://github.com/mninorm/mninorm"
+BIDS_VERSION = "1.10.0"
+
+# kind -> file name after the source entities ({space}: "<template>[_res-N]")
+NATIVE_OUTPUTS = {
+    "t1w": "desc-preproc_T1w.nii.gz",
+    "mask": "desc-brain_mask.nii.gz",
+}
+SPACE_OUTPUTS = {
+    "t1w": "space-{space}_desc-preproc_T1w.nii.gz",
+    "mask": "space-{space}_desc-brain_mask.nii.gz",
+    "logjac_nonlinear": "space-{space}_desc-nonlinear_logjacobian.nii.gz",
+    "logjac_total": "space-{space}_desc-total_logjacobian.nii.gz",
+}
+TRANSFORM_OUTPUTS = {
+    "t1w2std_xfm": "from-T1w_to-{template}_mode-image_xfm.h5",
+    "std2t1w_xfm": "from-{template}_to-T1w_mode-image_xfm.h5",
+}
+BIDSIGNORE = ("*_xfm.*", "*_logjacobian.*", "figures/", "*.html", "logs/")
+
+
+def source_prefix(t1w: T1wInput) -> str:
+    """The source's entities, e.g. ``sub-01_ses-1_run-2`` for ``sub-01_ses-1_run-2_T1w.nii.gz``."""
+    name = t1w.path.name
+    for ending in ("_T1w.nii.gz", "_T1w.nii"):
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    raise ValueError(f"{t1w.path} is not named like a BIDS T1w (..._T1w.nii[.gz])")
+
+
+def anat_dir(output_dir: Path, t1w: T1wInput) -> Path:
+    folder = output_dir / f"sub-{t1w.subject}"
+    if t1w.session:
+        folder = folder / f"ses-{t1w.session}"
+    return folder / "anat"
+
+
+def space_label(space: OutputSpace) -> str:
+    return space.template if space.resolution is None else f"{space.template}_res-{space.resolution}"
+
+
+def native_path(output_dir: Path, t1w: T1wInput, kind: str) -> Path:
+    return anat_dir(output_dir, t1w) / f"{source_prefix(t1w)}_{NATIVE_OUTPUTS[kind]}"
+
+
+def space_path(output_dir: Path, t1w: T1wInput, kind: str, space: OutputSpace) -> Path:
+    name = SPACE_OUTPUTS[kind].format(space=space_label(space))
+    return anat_dir(output_dir, t1w) / f"{source_prefix(t1w)}_{name}"
+
+
+def transform_path(output_dir: Path, t1w: T1wInput, kind: str, template: str) -> Path:
+    name = TRANSFORM_OUTPUTS[kind].format(template=template)
+    return anat_dir(output_dir, t1w) / f"{source_prefix(t1w)}_{name}"
+
+
+def sidecar_path(image_path: Path) -> Path:
+    name = image_path.name
+    for ending in (".nii.gz", ".nii", ".h5"):
+        if name.endswith(ending):
+            return image_path.with_name(name[: -len(ending)] + ".json")
+    raise ValueError(f"no sidecar naming rule for {image_path}")
+
+
+def bids_uri(relpath: str) -> str:
+    """A BIDS URI of an input file (``raw`` is declared in DatasetLinks)."""
+    return f"bids:raw:{relpath}"
+
+
+def derivative_uri(output_dir: Path, path: Path) -> str:
+    return f"bids::{path.relative_to(output_dir).as_posix()}"
+
+
+# ---- atomic writes: a temporary file in the same folder, then one rename ----------------------
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
+
+    The temporary name keeps the extension (nibabel chooses the format from it) and starts with a
+    dot, so a crash leaves no file that looks like an output.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(handle)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_nifti(img, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        img.to_filename(str(tmp))
+    return path
+
+
+def write_json(content: dict, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def copy_file(source: Path, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return path
+
+
+def write_text(text: str, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+# ---- dataset-level files: identical whoever writes them, so concurrent jobs agree -----------
+
+
+def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
+    source = _read_json(bids_dir / "dataset_description.json")
+    source_dataset = {"URL": bids_dir.resolve().as_uri()}
+    if source.get("DatasetDOI"):
+        source_dataset["DOI"] = source["DatasetDOI"]
+    generated_by = {"Name": "mninorm", "Version": __version__, "CodeURL": CODE_URL}
+    if container:
+        generated_by["Container"] = container
+    return {
+        "Name": f"mninorm: {source.get('Name', bids_dir.name)} in MNI space",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "SourceDatasets": [source_dataset],
+        "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
+    }
+
+
+def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
+    """``dataset_description.json`` and ``.bidsignore``, rewritten only when their content changes."""
+    container = _container_info()
+    _write_if_changed(
+        output_dir / "dataset_description.json",
+        json.dumps(dataset_description(bids_dir, container), indent=2) + "\n",
+    )
+    _write_if_changed(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    write_text(text, path)
+
+
+def _container_info() -> dict | None:
+    image = os.environ.get("MNINORM_CONTAINER_IMAGE")  # set in the Dockerfile
+    return {"Type": "docker", "Tag": image} if image else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

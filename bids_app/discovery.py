@@ -1,0 +1,147 @@
+"""pybids -> the T1w images to process, grouped by participant."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bids_app.errors import InvalidBIDSError, MissingInputError, NothingMatchedError, UsageError
+
+log = logging.getLogger(__name__)
+
+# The one query this app makes; --bids-filter-file entries refine it.
+T1W_QUERY = {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]}
+
+
+@dataclass(frozen=True)
+class T1wInput:
+    subject: str
+    path: Path
+    relpath: str  # relative to bids_dir, POSIX style, for BIDS URIs
+    entities: dict = field(hash=False, compare=False)  # pybids entities of the source file
+
+    @property
+    def session(self) -> str | None:
+        return self.entities.get("session")
+
+
+@dataclass(frozen=True)
+class Selection:
+    t1w_by_subject: dict  # subject label -> tuple[T1wInput, ...]
+    subjects_without_t1w: tuple[str, ...]
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    return label[len(prefix) :] if label.startswith(prefix) else label
+
+
+def load_filter_file(path: Path | None) -> dict:
+    """Read ``--bids-filter-file``: pybids entities for the T1w query (``null`` = entity absent).
+
+    Both ``{"t1w": {...}}`` (as fMRIPrep/sMRIPrep take it) and a bare ``{...}`` are accepted.
+    """
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise MissingInputError(f"--bids-filter-file {path} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise UsageError(f"--bids-filter-file {path} must hold a JSON object of entity filters")
+    filters = content.get("t1w", content)
+    if not isinstance(filters, dict):
+        raise UsageError(f"--bids-filter-file {path}: 't1w' must be an object of entity filters")
+    return filters
+
+
+def collect_t1w(
+    bids_dir: Path,
+    participant_labels: tuple[str, ...] = (),
+    session_labels: tuple[str, ...] = (),
+    filters: dict | None = None,
+    validate: bool = True,
+) -> Selection:
+    """Every T1w of the selected participants and sessions, each run separately."""
+    layout = _open_layout(bids_dir, validate)
+    subjects = _select_subjects(layout, participant_labels, bids_dir)
+    query = {**T1W_QUERY, **_pybids_filters(filters or {})}
+    if session_labels:
+        query["session"] = [strip_prefix(s, "ses-") for s in session_labels]
+    by_subject: dict[str, tuple[T1wInput, ...]] = {}
+    missing: list[str] = []
+    for subject in subjects:
+        files = layout.get(subject=subject, return_type="object", **query)
+        inputs = tuple(
+            T1wInput(
+                subject=subject,
+                path=Path(f.path),
+                relpath=Path(f.path).relative_to(bids_dir.resolve()).as_posix(),
+                entities=dict(f.get_entities()),
+            )
+            for f in sorted(files, key=lambda f: f.path)
+        )
+        if inputs:
+            by_subject[subject] = inputs
+        else:
+            missing.append(subject)
+    if not by_subject:
+        raise NothingMatchedError(
+            f"no T1w image in {bids_dir} matches participants {', '.join(subjects)}"
+            + (f", sessions {', '.join(session_labels)}" if session_labels else "")
+            + (f" and filters {filters}" if filters else "")
+            + ": check the labels and --bids-filter-file"
+        )
+    return Selection(by_subject, tuple(missing))
+
+
+def _open_layout(bids_dir: Path, validate: bool):
+    from bids import BIDSLayout
+    from bids.exceptions import BIDSValidationError
+
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise InvalidBIDSError(
+            f"{bids_dir} is not a BIDS dataset: it has no dataset_description.json; point bids_dir "
+            "at the dataset's top folder (the one holding sub-* folders)"
+        )
+    try:
+        # pybids only reads; database_path=None keeps its index in memory, never in the dataset.
+        return BIDSLayout(str(bids_dir.resolve()), validate=validate, database_path=None)
+    except BIDSValidationError as err:
+        raise InvalidBIDSError(
+            f"{bids_dir} is not a valid BIDS dataset ({err}); fix it or pass --skip-bids-validation"
+        ) from err
+
+
+def _select_subjects(layout, labels: tuple[str, ...], bids_dir: Path) -> list[str]:
+    existing = sorted(layout.get_subjects())
+    if not existing:
+        raise NothingMatchedError(f"{bids_dir} has no participants (no sub-* folders with data)")
+    if not labels:
+        return existing
+    wanted = list(dict.fromkeys(strip_prefix(label, "sub-") for label in labels))
+    unknown = [label for label in wanted if label not in existing]
+    if unknown:
+        raise NothingMatchedError(
+            f"participant label(s) {', '.join(unknown)} not found in {bids_dir}; "
+            f"the participants there are: {', '.join(existing)}"
+        )
+    return wanted
+
+
+def _pybids_filters(filters: dict) -> dict:
+    """JSON filters -> pybids query values: null -> Query.NONE, "*" -> Query.ANY."""
+    from bids.layout import Query
+
+    converted = {}
+    for entity, value in filters.items():
+        if value is None:
+            converted[entity] = Query.NONE
+        elif value == "*":
+            converted[entity] = Query.ANY
+        else:
+            converted[entity] = value
+    return converted

@@ -1,0 +1,155 @@
+"""Loading and checking T1w images; the only place where nibabel and ANTs images meet.
+
+ITK (and so ANTs) works in LPS physical coordinates, NIfTI in RAS: ``lps_ras_flip`` is the one place
+that sign flip is written down.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from bids_app.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+LPS_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse: RAS <-> LPS for points and vectors
+_AFFINE_TOLERANCE_MM = 1e-3
+
+
+def lps_ras_flip(array: np.ndarray) -> np.ndarray:
+    """Flip the x and y signs of points/vectors (last axis of length 3): RAS <-> LPS."""
+    return np.asarray(array) * np.array([-1.0, -1.0, 1.0], dtype=np.asarray(array).dtype)
+
+
+@dataclass(frozen=True)
+class HeaderReport:
+    """What was found in, and done to, the header of one T1w."""
+
+    source_orientation: str  # e.g. "LAS"
+    source_zooms: tuple[float, float, float]
+    source_shape: tuple[int, ...]
+    actions: tuple[str, ...]  # human-readable, in the order they were done
+
+
+def load_t1w(path: Path) -> tuple[nib.Nifti1Image, HeaderReport]:
+    """Read a T1w, check it is a usable 3D image and return it in RAS+ orientation, float32."""
+    actions: list[str] = []
+    img = _read_nifti(path)
+    data = _read_data(img, path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+        actions.append("dropped a singleton 4th dimension")
+    if data.ndim != 3:
+        raise ImageError(
+            f"{path}: a T1w must be a 3D image, this one has shape {data.shape}; if it holds "
+            "several volumes, split them into runs (run-1, run-2, ...) or average them first"
+        )
+    data = _replace_non_finite(data, path, actions)
+    _check_not_empty(data, path)
+    affine = _best_affine(img, path, actions)
+    src = nib.Nifti1Image(data, affine)
+    orientation = "".join(nib.aff2axcodes(affine))
+    ras = nib.as_closest_canonical(src)
+    if orientation != "RAS":
+        actions.append(f"reoriented {orientation} -> RAS")
+    zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    report = HeaderReport(orientation, zooms, tuple(img.shape), tuple(actions))
+    out = nib.Nifti1Image(np.asarray(ras.dataobj, dtype=np.float32), ras.affine)
+    out.set_qform(ras.affine, code=1)
+    out.set_sform(ras.affine, code=1)
+    return out, report
+
+
+def _read_nifti(path: Path):
+    try:
+        return nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise ImageError(
+            f"{path}: cannot be read as NIfTI ({err}); replace it with a valid .nii/.nii.gz file"
+        ) from err
+
+
+def _read_data(img, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, OSError, ValueError, zlib.error) as err:
+        raise ImageError(
+            f"{path}: the image data is truncated or corrupt ({err}); re-export or re-download it"
+        ) from err
+
+
+def _replace_non_finite(data: np.ndarray, path: Path, actions: list[str]) -> np.ndarray:
+    bad = ~np.isfinite(data)
+    if bad.all():
+        raise ImageError(f"{path}: every voxel is NaN or infinite; the file holds no image")
+    if bad.any():
+        data = np.where(bad, 0.0, data).astype(np.float32)
+        actions.append(f"set {int(bad.sum())} NaN/infinite voxels to 0")
+    return data
+
+
+def _check_not_empty(data: np.ndarray, path: Path) -> None:
+    if float(data.max()) == float(data.min()):
+        raise ImageError(
+            f"{path}: every voxel has the value {float(data.min())}; the file holds no image"
+        )
+
+
+def _best_affine(img, path: Path, actions: list[str]) -> np.ndarray:
+    """The sform when set (scanner/aligned space), else the qform; report disagreements."""
+    header = img.header
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if sform_code > 0 and qform_code > 0:
+        if not np.allclose(sform, qform, atol=_AFFINE_TOLERANCE_MM):
+            worst = float(np.abs(sform - qform).max())
+            actions.append(f"qform and sform disagreed (max difference {worst:.3g}); used the sform")
+            log.warning("%s: qform and sform disagree; using the sform", path)
+        return sform
+    if sform_code > 0:
+        return sform
+    if qform_code > 0:
+        return qform
+    actions.append("no qform/sform set: used the voxel sizes only (orientation unknown)")
+    log.warning("%s: neither qform nor sform is set; assuming RAS voxel axes", path)
+    return img.affine
+
+
+def nifti_to_ants(img: nib.Nifti1Image):
+    """A nibabel image as an ANTs image with the same voxels and physical space."""
+    import ants
+
+    affine = np.asarray(img.affine, dtype=float)
+    lps = LPS_RAS @ affine[:3, :3]
+    spacing = np.sqrt((lps**2).sum(axis=0))
+    direction = lps / spacing
+    origin = lps_ras_flip(affine[:3, 3])
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return ants.from_numpy(
+        data, origin=origin.tolist(), spacing=spacing.tolist(), direction=direction
+    )
+
+
+def ants_to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
+    """An ANTs image as a nibabel image (RAS affine), with sform and qform set."""
+    affine = ras_affine_from_itk(
+        np.asarray(image.origin), np.asarray(image.spacing), np.asarray(image.direction)
+    )
+    out = nib.Nifti1Image(image.numpy().astype(dtype), affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
+
+
+def ras_affine_from_itk(origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """The NIfTI (RAS) voxel-to-world affine of an ITK grid given in LPS."""
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_RAS @ (np.asarray(direction).reshape(3, 3) * np.asarray(spacing))
+    affine[:3, 3] = lps_ras_flip(np.asarray(origin, dtype=float))
+    return affine

@@ -1,0 +1,395 @@
+"""The participant level: the literal sequence of steps for one T1w, and the participant loop.
+
+Each participant runs in its own short-lived process (ANTs' memory grows over long loops and a
+crash must not take the others down); one T1w's failure never stops the other T1ws.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from bids_app import derivatives as drv
+from bids_app.discovery import T1wInput
+from bids_app.errors import MninormError
+from bids_app.settings import OutputSpace, Settings
+from bids_app.templates import Template
+
+log = logging.getLogger(__name__)
+
+# Tissue within this distance of the brain edge still informs the metric: edges matter.
+_MASK_DILATION_VOX = 2
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """One template: the grid registration uses (res-1) and one grid per requested output space."""
+
+    name: str
+    registration: Template
+    outputs: dict  # OutputSpace -> Template
+
+
+@dataclass(frozen=True)
+class T1wOutcome:
+    source: str  # path relative to bids_dir
+    subject: str
+    ok: bool
+    message: str = ""
+    outputs: tuple[Path, ...] = ()
+    seconds: float = 0.0
+    step_seconds: dict = field(default_factory=dict, compare=False)
+
+
+def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]:
+    """Find every template file before any parallel work (TemplateFlow is not process-safe)."""
+    from bids_app.templates import fetch_template
+
+    sets: dict[str, TemplateSet] = {}
+    for space in spaces:
+        if space.template not in sets:
+            sets[space.template] = TemplateSet(space.template, fetch_template(space.template, 1), {})
+        sets[space.template].outputs[space] = fetch_template(space.template, space.grid_resolution)
+    return sets
+
+
+# ---- one T1w, top to bottom ------------------------------------------------------------------
+
+
+def process_t1w(
+    t1w: T1wInput, settings: Settings, templates: dict[str, TemplateSet], work_dir: Path
+) -> T1wOutcome:
+    import ants
+
+    from bids_app.bias import correct_bias
+    from bids_app.brain import extract_brain, looks_skull_stripped, mask_from_nonzero
+    from bids_app.images import load_t1w, nifti_to_ants
+    from bids_app.registration import get_engine
+
+    timer = _StepTimer()
+    engine = get_engine("ants")
+    prefix = drv.source_prefix(t1w)
+    work = work_dir / f"sub-{t1w.subject}" / prefix
+    work.mkdir(parents=True, exist_ok=True)
+
+    with timer("load"):
+        nifti, header = load_t1w(t1w.path)
+        t1w_img = nifti_to_ants(nifti)
+    stripped_input = _skull_stripped_input(settings.skull_strip, nifti, looks_skull_stripped)
+    log.info(
+        "sub-%s: %s (%s, header: %s); skull strip: %s",
+        t1w.subject, t1w.relpath, header.source_orientation,
+        "; ".join(header.actions) or "fine", "no (already stripped)" if stripped_input else "yes",
+    )  # fmt: skip
+
+    first = templates[settings.templates[0]].registration
+    linear_xfm = None
+    if stripped_input:
+        with timer("brain_mask"):
+            mask = mask_from_nonzero(t1w_img)
+        with timer("bias"):
+            preproc = correct_bias(t1w_img, mask)
+    else:
+        with timer("bias"):
+            preproc = correct_bias(t1w_img)
+        with timer("brain_mask"):
+            extraction = extract_brain(
+                preproc,
+                ants.image_read(str(first.t1w_path)),
+                ants.image_read(str(first.mask_path)),
+                engine,
+                work / "brain_",
+                settings.random_seed,
+            )
+            mask, linear_xfm = extraction.mask_img, extraction.linear_xfm
+
+    provenance = _provenance(t1w, settings, header, stripped_input)
+    outputs = _write_native(t1w, settings, preproc, mask, provenance)
+
+    brain = preproc * mask
+    moving_mask = ants.iMath(mask, "MD", _MASK_DILATION_VOX)
+    for name in settings.templates:
+        template_set = templates[name]
+        with timer(f"register_{name}"):
+            fixed_head = ants.image_read(str(template_set.registration.t1w_path))
+            fixed_mask = ants.image_read(str(template_set.registration.mask_path))
+            result = engine.register(
+                fixed_head * fixed_mask,
+                brain,
+                preset=settings.preset,
+                out_prefix=work / f"{name}_",
+                seed=settings.random_seed,
+                fixed_mask=ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX),
+                moving_mask=moving_mask,
+                initial_xfm=linear_xfm if name == first.name else None,
+            )
+        with timer(f"outputs_{name}"):
+            outputs += _write_template_outputs(
+                t1w, settings, template_set, result, preproc, mask, provenance
+            )
+    seconds = timer.total()
+    log.info("sub-%s: %s done in %.0f s", t1w.subject, t1w.relpath, seconds)
+    return T1wOutcome(t1w.relpath, t1w.subject, True, "", tuple(outputs), seconds, timer.steps)
+
+
+def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
+    if mode == "skip":
+        return True
+    if mode == "force":
+        return False
+    voxel_volume = float(np.prod(nifti.header.get_zooms()[:3]))
+    return looks_skull_stripped(np.asarray(nifti.dataobj), voxel_volume)
+
+
+def _write_native(t1w, settings, preproc, mask, provenance) -> list[Path]:
+    from bids_app.images import ants_to_nifti
+
+    out = settings.output_dir
+    t1w_path = drv.native_path(out, t1w, "t1w")
+    mask_path = drv.native_path(out, t1w, "mask")
+    drv.write_nifti(ants_to_nifti(preproc), t1w_path)
+    drv.write_nifti(ants_to_nifti(mask, dtype=np.uint8), mask_path)
+    drv.write_json(
+        {**provenance, "Description": "Bias-corrected (N4) T1w, reoriented to RAS"},
+        drv.sidecar_path(t1w_path),
+    )
+    drv.write_json(
+        {
+            "Type": "Brain",
+            "Sources": [drv.derivative_uri(out, t1w_path)],
+            "RawSources": provenance["Sources"],
+            "Method": provenance["BrainMaskMethod"],
+        },
+        drv.sidecar_path(mask_path),
+    )
+    return [t1w_path, mask_path]
+
+
+def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, provenance):
+    import ants
+
+    from bids_app.images import ants_to_nifti, nifti_to_ants
+    from bids_app.jacobian import log_jacobians
+    from bids_app.transforms import read_composite
+
+    out = settings.output_dir
+    name = template_set.name
+    forward = drv.copy_file(result.forward_xfm, drv.transform_path(out, t1w, "t1w2std_xfm", name))
+    inverse = drv.copy_file(result.inverse_xfm, drv.transform_path(out, t1w, "std2t1w_xfm", name))
+    for path, source, target in ((forward, "T1w", name), (inverse, name, "T1w")):
+        drv.write_json(
+            {"From": source, "To": target, "Type": "ITK composite (HDF5)",
+             "Registration": provenance["Registration"]},
+            drv.sidecar_path(path),
+        )  # fmt: skip
+    written = [forward, inverse]
+
+    nonlinear, total, field_affine = log_jacobians(read_composite(result.forward_xfm))
+    import nibabel as nib
+
+    logjac = {
+        "logjac_nonlinear": nifti_to_ants(nib.Nifti1Image(nonlinear, field_affine)),
+        "logjac_total": nifti_to_ants(nib.Nifti1Image(total, field_affine)),
+    }
+    for space, template in template_set.outputs.items():
+        grid = ants.image_read(str(template.t1w_path))
+        images = {
+            "t1w": ants.apply_transforms(
+                grid, preproc, [str(result.forward_xfm)], interpolator="lanczosWindowedSinc"
+            ),
+            "mask": ants.threshold_image(
+                ants.apply_transforms(grid, mask, [str(result.forward_xfm)], interpolator="linear"),
+                0.5, 1e9, 1, 0,
+            ),
+        }  # fmt: skip
+        for kind, image in logjac.items():
+            images[kind] = ants.resample_image_to_target(image, grid, interp_type="linear")
+        for kind, image in images.items():
+            path = drv.space_path(out, t1w, kind, space)
+            dtype = np.uint8 if kind == "mask" else np.float32
+            drv.write_nifti(ants_to_nifti(image, dtype=dtype), path)
+            drv.write_json(
+                _space_sidecar(kind, space, template, provenance, forward, out),
+                drv.sidecar_path(path),
+            )
+            written.append(path)
+    return written
+
+
+_JACOBIAN_DESCRIPTIONS = {
+    "logjac_nonlinear": (
+        "Natural log of the Jacobian determinant of the nonlinear (SyN) part of the "
+        "template-to-T1w mapping, in template space: > 0 where the participant's tissue is larger "
+        "than the template's at that location, after removing the global affine size difference."
+    ),
+    "logjac_total": (
+        "Natural log of the Jacobian determinant of the whole template-to-T1w mapping (affine "
+        "included), in template space: > 0 where the participant's tissue is larger than the "
+        "template's at that location."
+    ),
+}
+
+
+def _space_sidecar(kind, space, template, provenance, forward, out) -> dict:
+    sidecar = {
+        "SkullStripped": provenance["SkullStripped"] if kind == "t1w" else None,
+        "Sources": [drv.derivative_uri(out, forward)],
+        "RawSources": provenance["Sources"],
+        "SpatialReference": _templateflow_uri(template),
+        "Template": {
+            "Identifier": template.name,
+            "Name": template.full_name,
+            "ResolutionIndex": template.resolution,
+            "VoxelSizeMM": list(template.zooms_mm),
+            "TemplateFlowVersion": template.metadata_version,
+        },
+        "Registration": provenance["Registration"],
+        "Software": provenance["Software"],
+    }
+    if space.resolution is not None:
+        sidecar["Resolution"] = (
+            f"TemplateFlow res-{space.resolution:02d} grid of {template.name}: "
+            f"{'x'.join(f'{z:g}' for z in template.zooms_mm)} mm voxels"
+        )
+    if kind in _JACOBIAN_DESCRIPTIONS:
+        sidecar["Description"] = _JACOBIAN_DESCRIPTIONS[kind]
+        sidecar["Units"] = "log(volume ratio)"
+    if kind == "mask":
+        sidecar["Type"] = "Brain"
+    return {k: v for k, v in sidecar.items() if v is not None}
+
+
+def _templateflow_uri(template: Template) -> str:
+    return f"https://templateflow.s3.amazonaws.com/tpl-{template.name}/{template.t1w_path.name}"
+
+
+def _provenance(t1w, settings, header, stripped_input) -> dict:
+    from bids_app.registration.ants import get_preset
+
+    preset = get_preset(settings.preset)
+    return {
+        "SkullStripped": bool(stripped_input),
+        "Sources": [drv.bids_uri(t1w.relpath)],
+        "SourceOrientation": header.source_orientation,
+        "HeaderFixes": list(header.actions),
+        "BrainMaskMethod": (
+            "non-zero voxels of the already skull-stripped input"
+            if stripped_input
+            else "template brain mask brought back by a head-to-template registration"
+        ),
+        "Registration": {
+            "Engine": "ANTsPy antsRegistration",
+            "Preset": preset.name,
+            "Stages": preset.description,
+            "TemplateGridMM": preset.grid_mm,
+            "RandomSeed": settings.random_seed,
+            "Threads": settings.omp_nthreads,
+        },
+        "Software": _software_versions(),
+    }
+
+
+def _software_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("mninorm", "antspyx", "nibabel", "numpy", "pybids", "templateflow"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+class _StepTimer:
+    def __init__(self):
+        self.steps: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Step:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.steps[name] = round(time.perf_counter() - self.start, 2)
+
+        return _Step()
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+# ---- the participant loop --------------------------------------------------------------------
+
+
+def run_participant(
+    subject: str, t1ws: tuple[T1wInput, ...], settings: Settings, templates, work_dir: Path,
+    log_level: int = logging.INFO,
+) -> list[T1wOutcome]:  # fmt: skip
+    """Every T1w of one participant; a failing T1w is reported and the next one still runs."""
+    _configure_child_logging(log_level)
+    outcomes = []
+    for t1w in t1ws:
+        start = time.perf_counter()
+        try:
+            outcomes.append(process_t1w(t1w, settings, templates, work_dir))
+        except MninormError as err:
+            outcomes.append(_failure(t1w, str(err), start))
+        except Exception as err:  # anything else: still isolate it, and keep the traceback
+            log.debug("sub-%s: %s", subject, traceback.format_exc())
+            outcomes.append(_failure(t1w, f"unexpected {type(err).__name__}: {err}", start))
+    return outcomes
+
+
+def _failure(t1w: T1wInput, message: str, start: float) -> T1wOutcome:
+    log.error("sub-%s: %s failed: %s", t1w.subject, t1w.relpath, message)
+    return T1wOutcome(t1w.relpath, t1w.subject, False, message, (), time.perf_counter() - start)
+
+
+def run_participants(
+    by_subject: dict, settings: Settings, templates, work_dir: Path, log_level: int = logging.INFO
+) -> list[T1wOutcome]:
+    """All participants, ``settings.parallel_participants`` at a time, each in its own process."""
+    if settings.in_process:
+        return [
+            outcome
+            for subject, t1ws in by_subject.items()
+            for outcome in run_participant(subject, t1ws, settings, templates, work_dir, log_level)
+        ]
+    with ThreadPoolExecutor(settings.parallel_participants) as threads:
+        futures = [
+            threads.submit(
+                _run_in_child, subject, t1ws, settings, templates, work_dir, log_level
+            )
+            for subject, t1ws in by_subject.items()
+        ]
+        return [outcome for future in futures for outcome in future.result()]
+
+
+def _run_in_child(subject, t1ws, settings, templates, work_dir, log_level) -> list[T1wOutcome]:
+    # A fresh process per participant; "spawn" so ITK starts with the thread settings of os.environ.
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            return pool.submit(
+                run_participant, subject, t1ws, settings, templates, work_dir, log_level
+            ).result()
+        except Exception as err:  # the process died (memory, segfault): report, go on
+            message = f"the participant's process died ({type(err).__name__}: {err})"
+            return [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+
+
+def _configure_child_logging(level: int) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    root.setLevel(level)

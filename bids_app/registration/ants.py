@@ -1,0 +1,190 @@
+"""The ANTsPy engine: ``antsRegistration`` run in-process with stages built from named presets.
+
+``ants`` is imported inside functions: ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` at import,
+and the command sets it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bids_app.errors import RegistrationError
+from bids_app.registration.base import RegistrationResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    transform: str  # e.g. "Rigid[0.1]", "Affine[0.1]", "SyN[0.1,3,0]"
+    metric: str  # "MI" (Mattes) or "CC"
+    metric_parameter: int  # histogram bins (MI) or neighbourhood radius in voxels (CC)
+    iterations: tuple[int, ...]
+    shrink_factors: tuple[int, ...]
+    smoothing_vox: tuple[float, ...]
+    sampling: float = 1.0  # share of voxels the MI metric samples (regular grid); 1 = all
+    convergence: str = "1e-6,10"
+
+    def arguments(self, fixed: str, moving: str, masks: str | None) -> list[str]:
+        if self.metric == "MI":
+            metric = f"MI[{fixed},{moving},1,{self.metric_parameter},Regular,{self.sampling}]"
+        else:
+            metric = f"{self.metric}[{fixed},{moving},1,{self.metric_parameter}]"
+        return [
+            "--transform", self.transform,
+            "--metric", metric,
+            "--convergence", f"[{'x'.join(map(str, self.iterations))},{self.convergence}]",
+            "--shrink-factors", "x".join(map(str, self.shrink_factors)),
+            "--smoothing-sigmas", "x".join(f"{s:g}" for s in self.smoothing_vox) + "vox",
+        ] + (["--masks", masks] if masks else [])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    grid_mm: float  # the template is resampled to this grid first: the SyN field lives on it
+    stages: tuple[Stage, ...]
+    description: str
+
+
+def _linear(kind: str, iterations, shrink, smoothing, sampling=0.25) -> Stage:
+    return Stage(f"{kind}[0.1]", "MI", 32, iterations, shrink, smoothing, sampling)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "precise",
+            grid_mm=2.0,
+            stages=(
+                _linear("Rigid", (500, 250, 100), (4, 2, 1), (2, 1, 0)),
+                _linear("Affine", (500, 250, 100), (4, 2, 1), (2, 1, 0)),
+                Stage("SyN[0.2,3,0]", "CC", 2, (100, 70, 20), (4, 2, 1), (2, 1, 0)),
+            ),
+            description="rigid -> affine (Mattes MI) -> SyN (CC radius 2) on a 2 mm template grid",
+        ),
+        Preset(
+            "fast",
+            grid_mm=3.0,
+            stages=(
+                _linear("Rigid", (200, 100), (2, 1), (1, 0)),
+                _linear("Affine", (200, 100), (2, 1), (1, 0)),
+                Stage("SyN[0.25,3,0]", "CC", 2, (30, 15), (2, 1), (1, 0)),
+            ),
+            description="rigid -> affine (Mattes MI) -> SyN (CC radius 2) on a 3 mm template grid",
+        ),
+        # Internal, for template-based brain extraction: head to template head, linear then SyN.
+        Preset(
+            "head-linear",
+            grid_mm=4.0,
+            stages=(
+                _linear("Rigid", (200, 100), (2, 1), (1, 0)),
+                _linear("Affine", (200, 100), (2, 1), (1, 0)),
+            ),
+            description="head to template head, linear",
+        ),
+        Preset(
+            "head-syn",
+            grid_mm=4.0,
+            stages=(Stage("SyN[0.25,3,0]", "CC", 2, (20, 10), (2, 1), (1, 0)),),
+            description="head to template head, deformable refinement",
+        ),
+    )
+}
+
+# What users choose with --preset; the others serve internal steps.
+USER_PRESETS = ("precise", "fast")
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+class AntsEngine:
+    name = "ants"
+
+    def register(
+        self,
+        fixed,
+        moving,
+        *,
+        preset: str,
+        out_prefix: Path,
+        seed: int,
+        fixed_mask=None,
+        moving_mask=None,
+        initial_xfm: Path | None = None,
+    ) -> RegistrationResult:
+        from ants.internal import get_lib_fn, get_pointer_string
+
+        chosen = get_preset(preset)
+        # antsRegistration casts in-memory images blindly: images must be float, masks uint8.
+        fixed = to_grid(as_pixeltype(fixed, "float"), chosen.grid_mm, "linear")
+        moving = as_pixeltype(moving, "float")
+        if fixed_mask is not None:
+            fixed_mask = to_grid(as_pixeltype(fixed_mask, "float"), chosen.grid_mm, "nearestNeighbor")
+            fixed_mask = as_pixeltype(fixed_mask, "unsigned char")
+        if moving_mask is not None:
+            moving_mask = as_pixeltype(moving_mask, "unsigned char")
+        out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        fixed_ptr, moving_ptr = get_pointer_string(fixed), get_pointer_string(moving)
+        masks = None
+        if fixed_mask is not None or moving_mask is not None:
+            # antsRegistration takes both or none: a missing one covers its whole image.
+            whole = "unsigned char"
+            fixed_mask = fixed_mask if fixed_mask is not None else as_pixeltype(fixed * 0 + 1, whole)
+            moving_mask = (
+                moving_mask if moving_mask is not None else as_pixeltype(moving * 0 + 1, whole)
+            )
+            masks = f"[{get_pointer_string(fixed_mask)},{get_pointer_string(moving_mask)}]"
+        initial = (
+            str(initial_xfm) if initial_xfm is not None else f"[{fixed_ptr},{moving_ptr},1]"
+        )  # 1 = align centres of mass
+        args = [
+            "--dimensionality", "3",
+            "--float", "1",
+            "--collapse-output-transforms", "1",
+            "--write-composite-transform", "1",
+            "--output", f"[{out_prefix}]",
+            "--interpolation", "Linear",
+            "--winsorize-image-intensities", "[0.005,0.995]",
+            "--use-histogram-matching", "1",
+            "--random-seed", str(seed),
+            "--initial-moving-transform", initial,
+            "--verbose", "1" if log.isEnabledFor(logging.DEBUG) else "0",
+        ]  # fmt: skip
+        for stage in chosen.stages:
+            args += stage.arguments(fixed_ptr, moving_ptr, masks)
+        log.debug("antsRegistration %s", " ".join(args))
+        start = time.perf_counter()
+        status = get_lib_fn("antsRegistration")(args)
+        seconds = time.perf_counter() - start
+        forward = Path(f"{out_prefix}Composite.h5")
+        inverse = Path(f"{out_prefix}InverseComposite.h5")
+        if status != 0 or not forward.is_file() or not inverse.is_file():
+            raise RegistrationError(
+                f"antsRegistration (preset {preset}) failed with status {status}; "
+                "check the input's orientation and brain mask, or run with -v for details"
+            )
+        return RegistrationResult(forward, inverse, seconds)
+
+
+def as_pixeltype(image, pixeltype: str):
+    return image if image.pixeltype == pixeltype else image.clone(pixeltype)
+
+
+def to_grid(image, grid_mm: float, interpolation: str):
+    """Resample ``image`` to an isotropic ``grid_mm`` grid if that is coarser than its own."""
+    import ants
+
+    if min(image.spacing) >= grid_mm - 1e-6:
+        return image
+    interp = {"linear": 0, "nearestNeighbor": 1}[interpolation]
+    return ants.resample_image(image, (grid_mm,) * 3, use_voxels=False, interp_type=interp)

@@ -1,0 +1,89 @@
+"""Settings built once from the command line, validated, and passed down explicitly."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bids_app.errors import UsageError
+
+DEFAULT_SPACE = "MNI152NLin2009cAsym"
+DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
+PRESETS = ("precise", "fast")
+SKULL_STRIP_MODES = ("auto", "force", "skip")
+
+_SPACE_RE = re.compile(r"^(?P<template>[A-Za-z][A-Za-z0-9]*)(?::res-(?P<res>[0-9]+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class OutputSpace:
+    """A TemplateFlow template and, optionally, one of its resolution indices (``res-N``)."""
+
+    template: str
+    resolution: int | None = None  # TemplateFlow's index, not millimetres; None = the template's res-1
+
+    @property
+    def grid_resolution(self) -> int:
+        return 1 if self.resolution is None else self.resolution
+
+    def __str__(self) -> str:
+        return self.template if self.resolution is None else f"{self.template}:res-{self.resolution}"
+
+
+def parse_output_space(text: str) -> OutputSpace:
+    """Parse ``Template[:res-N]`` (for example ``MNI152NLin6Asym:res-2``)."""
+    match = _SPACE_RE.match(text.strip())
+    if not match:
+        raise UsageError(
+            f"malformed output space {text!r}: expected a TemplateFlow identifier with an optional "
+            "resolution index, e.g. MNI152NLin2009cAsym or MNI152NLin6Asym:res-2"
+        )
+    res = match.group("res")
+    return OutputSpace(match.group("template"), int(res) if res is not None else None)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    bids_filters: dict = field(default_factory=dict, hash=False)
+    skip_bids_validation: bool = False
+    output_spaces: tuple[OutputSpace, ...] = (OutputSpace(DEFAULT_SPACE),)
+    work_dir: Path | None = None  # None: a temporary folder, removed afterwards
+    nthreads: int = 1  # total threads for the whole run
+    omp_nthreads: int = 1  # threads for one participant (ITK/OpenMP)
+    random_seed: int = DEFAULT_SEED
+    skull_strip: str = "auto"
+    preset: str = "precise"
+    in_process: bool = False  # run participants in this process (tests, debugging)
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """Distinct templates: one registration each, whatever the resolutions asked."""
+        return tuple(dict.fromkeys(space.template for space in self.output_spaces))
+
+    @property
+    def parallel_participants(self) -> int:
+        return max(1, self.nthreads // self.omp_nthreads)
+
+
+def check_folders(bids_dir: Path, output_dir: Path, work_dir: Path | None) -> None:
+    """Refuse folder layouts that would write into the (read-only) input dataset."""
+    from bids_app.errors import MissingInputError
+
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"bids_dir {bids_dir} does not exist or is not a folder")
+    bids = bids_dir.resolve()
+    for name, path in (("output_dir", output_dir), ("work dir", work_dir)):
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if resolved == bids or bids in resolved.parents:
+            raise UsageError(
+                f"{name} {path} is inside the input dataset {bids_dir}: choose a folder outside it "
+                "(the input is never written to; it is often mounted read-only)"
+            )
