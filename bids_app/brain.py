@@ -55,7 +55,11 @@ def extract_brain(t1w_img, template_head, template_mask, engine, work_prefix: Pa
     import ants
 
     linear = engine.register(
-        template_head, t1w_img, preset="head-linear", out_prefix=Path(f"{work_prefix}lin_"), seed=seed
+        template_head,
+        t1w_img,
+        preset="head-linear",
+        out_prefix=Path(f"{work_prefix}lin_"),
+        seed=seed,
     )
     warp = engine.register(
         template_head,

@@ -56,7 +56,9 @@ def anat_dir(output_dir: Path, t1w: T1wInput) -> Path:
 
 
 def space_label(space: OutputSpace) -> str:
-    return space.template if space.resolution is None else f"{space.template}_res-{space.resolution}"
+    return (
+        space.template if space.resolution is None else f"{space.template}_res-{space.resolution}"
+    )
 
 
 def native_path(output_dir: Path, t1w: T1wInput, kind: str) -> Path:
@@ -102,7 +104,9 @@ def atomic_path(path: Path):
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent
+    )
     os.close(handle)
     tmp_path = Path(tmp)
     try:
@@ -160,7 +164,7 @@ def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
-    """``dataset_description.json`` and ``.bidsignore``, rewritten only when their content changes."""
+    """``dataset_description.json`` and ``.bidsignore``, written only when changed."""
     container = _container_info()
     _write_if_changed(
         output_dir / "dataset_description.json",

@@ -109,7 +109,9 @@ def _best_affine(img, path: Path, actions: list[str]) -> np.ndarray:
     if sform_code > 0 and qform_code > 0:
         if not np.allclose(sform, qform, atol=_AFFINE_TOLERANCE_MM):
             worst = float(np.abs(sform - qform).max())
-            actions.append(f"qform and sform disagreed (max difference {worst:.3g}); used the sform")
+            actions.append(
+                f"qform and sform disagreed (max difference {worst:.3g}); used the sform"
+            )
             log.warning("%s: qform and sform disagree; using the sform", path)
         return sform
     if sform_code > 0:
@@ -147,7 +149,9 @@ def ants_to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
     return out
 
 
-def ras_affine_from_itk(origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray) -> np.ndarray:
+def ras_affine_from_itk(
+    origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray
+) -> np.ndarray:
     """The NIfTI (RAS) voxel-to-world affine of an ITK grid given in LPS."""
     affine = np.eye(4)
     affine[:3, :3] = LPS_RAS @ (np.asarray(direction).reshape(3, 3) * np.asarray(spacing))

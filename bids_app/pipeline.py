@@ -55,7 +55,9 @@ def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]
     sets: dict[str, TemplateSet] = {}
     for space in spaces:
         if space.template not in sets:
-            sets[space.template] = TemplateSet(space.template, fetch_template(space.template, 1), {})
+            sets[space.template] = TemplateSet(
+                space.template, fetch_template(space.template, 1), {}
+            )
         sets[space.template].outputs[space] = fetch_template(space.template, space.grid_resolution)
     return sets
 
@@ -368,9 +370,7 @@ def run_participants(
         ]
     with ThreadPoolExecutor(settings.parallel_participants) as threads:
         futures = [
-            threads.submit(
-                _run_in_child, subject, t1ws, settings, templates, work_dir, log_level
-            )
+            threads.submit(_run_in_child, subject, t1ws, settings, templates, work_dir, log_level)
             for subject, t1ws in by_subject.items()
         ]
         return [outcome for future in futures for outcome in future.result()]

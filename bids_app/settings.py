@@ -21,14 +21,18 @@ class OutputSpace:
     """A TemplateFlow template and, optionally, one of its resolution indices (``res-N``)."""
 
     template: str
-    resolution: int | None = None  # TemplateFlow's index, not millimetres; None = the template's res-1
+    resolution: int | None = (
+        None  # TemplateFlow's index, not millimetres; None = the template's res-1
+    )
 
     @property
     def grid_resolution(self) -> int:
         return 1 if self.resolution is None else self.resolution
 
     def __str__(self) -> str:
-        return self.template if self.resolution is None else f"{self.template}:res-{self.resolution}"
+        return (
+            self.template if self.resolution is None else f"{self.template}:res-{self.resolution}"
+        )
 
 
 def parse_output_space(text: str) -> OutputSpace:

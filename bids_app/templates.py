@@ -53,7 +53,8 @@ def templateflow_home() -> Path:
 
 
 def _get_file(name: str, resolution: int, desc: str | None, suffix: str) -> Path:
-    wanted = f"tpl-{name}/tpl-{name}_res-{resolution:02d}{f'_desc-{desc}' if desc else ''}_{suffix}.nii.gz"
+    entities = f"res-{resolution:02d}" + (f"_desc-{desc}" if desc else "")
+    wanted = f"tpl-{name}/tpl-{name}_{entities}_{suffix}.nii.gz"
     try:
         from templateflow import api
 
@@ -80,7 +81,7 @@ def _missing(wanted: str, reason: str) -> TemplateUnavailableError:
     return TemplateUnavailableError(
         f"template file {wanted} is missing under TEMPLATEFLOW_HOME={home}: {reason}. "
         "Pre-fetch it on a machine with internet access, e.g. "
-        f"`TEMPLATEFLOW_HOME={home} python -c \"from templateflow import api; "
+        f'`TEMPLATEFLOW_HOME={home} python -c "from templateflow import api; '
         f"api.get('{name}', suffix=['T1w', 'mask'])\"`, then copy that folder here "
         "(or point TEMPLATEFLOW_HOME at a folder that has it)"
     )

@@ -129,7 +129,9 @@ class AntsEngine:
         fixed = to_grid(as_pixeltype(fixed, "float"), chosen.grid_mm, "linear")
         moving = as_pixeltype(moving, "float")
         if fixed_mask is not None:
-            fixed_mask = to_grid(as_pixeltype(fixed_mask, "float"), chosen.grid_mm, "nearestNeighbor")
+            fixed_mask = to_grid(
+                as_pixeltype(fixed_mask, "float"), chosen.grid_mm, "nearestNeighbor"
+            )
             fixed_mask = as_pixeltype(fixed_mask, "unsigned char")
         if moving_mask is not None:
             moving_mask = as_pixeltype(moving_mask, "unsigned char")
@@ -139,7 +141,9 @@ class AntsEngine:
         if fixed_mask is not None or moving_mask is not None:
             # antsRegistration takes both or none: a missing one covers its whole image.
             whole = "unsigned char"
-            fixed_mask = fixed_mask if fixed_mask is not None else as_pixeltype(fixed * 0 + 1, whole)
+            fixed_mask = (
+                fixed_mask if fixed_mask is not None else as_pixeltype(fixed * 0 + 1, whole)
+            )
             moving_mask = (
                 moving_mask if moving_mask is not None else as_pixeltype(moving * 0 + 1, whole)
             )

@@ -1,10 +1,11 @@
 """The registration seam: what every engine takes and returns.
 
-Engines register a *moving* image (the participant) to a *fixed* image (the template) and write ITK
-composite transforms (.h5) that ``antsApplyTransforms`` and ``ants.apply_transforms`` read as they are:
+Engines register a *moving* image (the participant) to a *fixed* image (the template) and write
+ITK composite transforms (.h5) that ``antsApplyTransforms`` and ``ants.apply_transforms`` read as
+they are:
 
-* ``forward_xfm``: maps template points to participant points, so it resamples the participant *into*
-  template space (named ``from-T1w_to-<template>``, as sMRIPrep does);
+* ``forward_xfm``: maps template points to participant points, so it resamples the participant
+  *into* template space (named ``from-T1w_to-<template>``, as sMRIPrep does);
 * ``inverse_xfm``: the reverse (``from-<template>_to-T1w``).
 """
 

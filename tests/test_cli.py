@@ -1,0 +1,284 @@
+"""The command end to end on a tiny BIDS dataset of real (downsampled) brain images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import (
+    TEST_TEMPLATE,
+    brain_mask_of,
+    known_affine,
+    participant_brain,
+    reorient,
+    save_t1w,
+    with_skull,
+    write_dataset_description,
+)
+
+from bids_app.cli import main
+from bids_app.errors import ExitCode
+
+GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
+SPACE = TEST_TEMPLATE
+
+
+def _tree_digest(root: Path) -> dict:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _golden() -> list[str]:
+    lines = GOLDEN.read_text().splitlines()
+    return sorted(line for line in lines if line and not line.startswith("#"))
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, template_brain, templateflow_home):
+    """sub-01: a skull-stripped brain, run-1 stored RAS and run-2 the same image stored LAS;
+    sub-02: a whole head stored LIA; sub-03: a 4D T1w (fails); sub-04: no T1w at all."""
+    root = tmp_path_factory.mktemp("bids")
+    write_dataset_description(root)
+    brain = participant_brain(template_brain)
+    save_t1w(brain, root, "01", session="1", run="1")
+    save_t1w(reorient(brain, "LAS"), root, "01", session="1", run="2")
+    other = known_affine(rot_deg=(-5, 4, -7), shift=(-3, 5, -4), scale=(0.96, 1.04, 1.0))
+    head_brain = participant_brain(template_brain, other, "LIA")
+    save_t1w(with_skull(head_brain, seed=2), root, "02")
+    four_d = nib.Nifti1Image(np.stack([brain.get_fdata()] * 2, axis=-1), brain.affine)
+    save_t1w(four_d, root, "03")
+    (root / "sub-04" / "anat").mkdir(parents=True)
+    (root / "sub-04" / "anat" / "sub-04_T2w.nii.gz").write_bytes(b"")
+    truths = {"sub-02": brain_mask_of(head_brain)}
+    return root, truths
+
+
+@pytest.fixture(scope="session")
+def run(dataset, tmp_path_factory):
+    """One participant-level run, each participant in its own process, as users run it."""
+    root, truths = dataset
+    before = _tree_digest(root)
+    out = tmp_path_factory.mktemp("out")
+    code = main(
+        [str(root), str(out), "participant", "--output-spaces", SPACE, "--preset", "fast",
+         "--nthreads", "2", "--skip-bids-validation"]
+    )  # fmt: skip
+    return {"root": root, "out": out, "code": code, "before": before, "truths": truths}
+
+
+def test_failures_are_isolated_and_reported_with_exit_code_1(run):
+    assert run["code"] == ExitCode.PARTICIPANT_FAILED
+
+
+def test_outputs_match_the_golden_list(run):
+    assert _files(run["out"]) == _golden()
+
+
+def test_input_dataset_is_not_modified(run):
+    assert _tree_digest(run["root"]) == run["before"]
+
+
+def test_dataset_description_and_bidsignore(run):
+    description = json.loads((run["out"] / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "mninorm"
+    assert description["SourceDatasets"]
+    ignored = (run["out"] / ".bidsignore").read_text().split()
+    assert "*_xfm.*" in ignored and "*_logjacobian.*" in ignored
+
+
+def _anat(run, subject, session=None):
+    folder = run["out"] / f"sub-{subject}"
+    return (folder / f"ses-{session}" if session else folder) / "anat"
+
+
+def test_sidecars_record_skull_stripping_sources_and_seed(run):
+    stripped = json.loads(
+        (
+            _anat(run, "01", "1") / f"sub-01_ses-1_run-1_space-{SPACE}_desc-preproc_T1w.json"
+        ).read_text()
+    )
+    head = json.loads((_anat(run, "02") / "sub-02_desc-preproc_T1w.json").read_text())
+    assert stripped["SkullStripped"] is True  # detected automatically
+    assert head["SkullStripped"] is False
+    assert stripped["RawSources"] == ["bids:raw:sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz"]
+    assert stripped["Registration"]["RandomSeed"] == 20240229
+    assert stripped["Template"]["Identifier"] == SPACE
+    assert head["SourceOrientation"] == "LIA"
+    assert "reoriented LIA -> RAS" in head["HeaderFixes"]
+
+
+def test_same_image_stored_ras_or_las_gives_the_same_normalised_output(run):
+    folder = _anat(run, "01", "1")
+    ras = nib.load(folder / f"sub-01_ses-1_run-1_space-{SPACE}_desc-preproc_T1w.nii.gz").get_fdata()
+    las = nib.load(folder / f"sub-01_ses-1_run-2_space-{SPACE}_desc-preproc_T1w.nii.gz").get_fdata()
+    inside = ras > 0.1 * ras.max()
+    correlation = np.corrcoef(ras[inside], las[inside])[0, 1]
+    relative = np.abs(ras - las)[inside].mean() / ras[inside].mean()
+    assert correlation > 0.99
+    assert relative < 0.03
+
+
+def _dice(a, b) -> float:
+    a, b = a > 0, b > 0
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_written_forward_transform_reproduces_the_normalised_image(run):
+    import ants
+
+    folder = _anat(run, "02")
+    template = ants.image_read(str(_template_file("T1w")))
+    native = ants.image_read(str(folder / "sub-02_desc-preproc_T1w.nii.gz"))
+    forward = folder / f"sub-02_from-T1w_to-{SPACE}_mode-image_xfm.h5"
+    resampled = ants.apply_transforms(
+        template, native, [str(forward)], interpolator="lanczosWindowedSinc"
+    ).numpy()
+    written = nib.load(folder / f"sub-02_space-{SPACE}_desc-preproc_T1w.nii.gz").get_fdata()
+    inside = written > 0.1 * written.max()
+    np.testing.assert_allclose(resampled[inside], written[inside], rtol=1e-3, atol=1e-3)
+
+
+def test_inverse_transform_brings_the_template_mask_onto_the_native_mask(run):
+    import ants
+
+    folder = _anat(run, "01", "1")
+    native_mask = ants.image_read(str(folder / "sub-01_ses-1_run-1_desc-brain_mask.nii.gz"))
+    template_mask = ants.image_read(str(_template_file("mask")))
+    inverse = folder / f"sub-01_ses-1_run-1_from-{SPACE}_to-T1w_mode-image_xfm.h5"
+    back = ants.apply_transforms(
+        native_mask, template_mask, [str(inverse)], interpolator="nearestNeighbor"
+    )
+    assert _dice(back.numpy(), native_mask.numpy()) > 0.9
+
+
+def test_brain_extraction_of_a_whole_head_finds_the_brain(run):
+    mask = nib.load(_anat(run, "02") / "sub-02_desc-brain_mask.nii.gz")
+    truth = run["truths"]["sub-02"]
+    from nibabel.processing import resample_from_to
+
+    truth_on_grid = resample_from_to(truth, mask, order=0).get_fdata()
+    assert _dice(mask.get_fdata(), truth_on_grid) > 0.85
+
+
+def test_jacobian_maps_are_finite_and_on_the_template_grid(run):
+    folder = _anat(run, "02")
+    template = nib.load(_template_file("T1w"))
+    for desc in ("nonlinear", "total"):
+        img = nib.load(folder / f"sub-02_space-{SPACE}_desc-{desc}_logjacobian.nii.gz")
+        assert img.shape == template.shape
+        np.testing.assert_allclose(img.affine, template.affine, atol=1e-4)
+        assert np.isfinite(img.get_fdata()).all()
+
+
+def _template_file(kind: str) -> Path:
+    home = Path(os.environ["TEMPLATEFLOW_HOME"]) / f"tpl-{SPACE}"
+    suffix = "T1w" if kind == "T1w" else "desc-brain_mask"
+    return home / f"tpl-{SPACE}_res-01_{suffix}.nii.gz"
+
+
+def test_rerun_of_one_participant_keeps_the_others_and_leaves_no_partial_files(run):
+    out = run["out"]
+    others = {p: p.stat().st_mtime_ns for p in (out / "sub-01").rglob("*") if p.is_file()}
+    code = main(
+        [str(run["root"]), str(out), "participant", "--participant-label", "sub-02",
+         "--output-spaces", SPACE, "--preset", "fast", "--skip-bids-validation", "--in-process"]
+    )  # fmt: skip
+    assert code == ExitCode.OK
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    assert _files(out) == _golden()  # no leftover temporary files
+
+
+def test_same_seed_and_one_thread_give_identical_outputs(dataset, tmp_path):
+    root, _ = dataset
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"t1w": {"run": 1}}))
+    digests = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        code = main(
+            [str(root), str(out), "participant", "--participant-label", "01",
+             "--bids-filter-file", str(filters), "--output-spaces", SPACE, "--preset", "fast",
+             "--nthreads", "1", "--skip-bids-validation"]
+        )  # fmt: skip
+        assert code == ExitCode.OK
+        images = sorted((out / "sub-01" / "ses-1" / "anat").glob("*.nii.gz"))
+        digests.append({p.name: nib.load(p).get_fdata().tobytes() for p in images})
+    assert len(digests[0]) == 6
+    assert digests[0] == digests[1]
+
+
+# ---- usage errors: exit codes and one-line messages, no traceback --------------------------------
+
+
+def _run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "bids_app", *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (lambda d, t: [d, d / "derivatives", "participant"], ExitCode.USAGE, "inside the input"),
+        (lambda d, t: [d, d, "participant"], ExitCode.USAGE, "inside the input"),
+        (lambda d, t: [t / "nope", t / "out", "participant"], ExitCode.MISSING_INPUT,
+         "does not exist"),
+        (lambda d, t: [d, t / "out", "sideways"], ExitCode.UNKNOWN_LEVEL, "unknown analysis level"),
+        (lambda d, t: [d, t / "out", "participant", "--output-spaces", "MNI:2mm"], ExitCode.USAGE,
+         "malformed output space"),
+        (lambda d, t: [d, t / "out", "participant", "--participant-label", "99",
+                       "--skip-bids-validation"], ExitCode.NOTHING_MATCHED, "01, 02, 03, 04"),
+        (lambda d, t: [d / "sub-01", t / "out", "participant"], ExitCode.INVALID_BIDS,
+         "not a BIDS dataset"),
+        (lambda d, t: [d, t / "out", "participant", "--preset", "sloppy"], ExitCode.USAGE,
+         "invalid choice"),
+    ],
+)  # fmt: skip
+def test_usage_mistakes_exit_with_documented_codes_and_no_traceback(
+    dataset, tmp_path, args, code, message
+):
+    root, _ = dataset
+    result = _run_cli(*args(root, tmp_path))
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_template_offline_names_the_files_and_how_to_fetch_them(dataset, tmp_path):
+    root, _ = dataset
+    empty_home = tmp_path / "tf"
+    empty_home.mkdir()
+    result = _run_cli(
+        root, tmp_path / "out", "participant", "--participant-label", "01",
+        "--output-spaces", "MNI152NLin6Asym:res-2", "--skip-bids-validation",
+        env={"TEMPLATEFLOW_HOME": str(empty_home)},
+    )  # fmt: skip
+    assert result.returncode == ExitCode.TEMPLATE_UNAVAILABLE, result.stderr
+    assert "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz is missing" in result.stderr
+    assert "Pre-fetch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_and_group_level(dataset, tmp_path):
+    root, _ = dataset
+    version = _run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mninorm ")
+    group = _run_cli(root, tmp_path / "out", "group")
+    assert group.returncode == 0
+    assert "not implemented yet" in group.stderr
