@@ -39,7 +39,7 @@ def mask_from_nonzero(t1w_img):
     """The brain mask of an already skull-stripped image: its non-zero voxels, cleaned up."""
     import ants
 
-    return clean_mask(ants.threshold_image(t1w_img, 1e-6, None, 1, 0) * (t1w_img > 0))
+    return clean_mask(ants.threshold_image(t1w_img, 1e-6, None, 1, 0))
 
 
 def clean_mask(mask_img):

@@ -36,7 +36,7 @@ TRANSFORM_OUTPUTS = {
     "t1w2std_xfm": "from-T1w_to-{template}_mode-image_xfm.h5",
     "std2t1w_xfm": "from-{template}_to-T1w_mode-image_xfm.h5",
 }
-BIDSIGNORE = ("*_xfm.*", "*_logjacobian.*", "figures/", "*.html", "logs/")
+BIDSIGNORE = ("*_xfm.*", "*_logjacobian.*", "figures/", "log/", "logs/", "*.html")
 
 
 def source_prefix(t1w: T1wInput) -> str:
@@ -73,6 +73,11 @@ def space_path(output_dir: Path, t1w: T1wInput, kind: str, space: OutputSpace) -
 def transform_path(output_dir: Path, t1w: T1wInput, kind: str, template: str) -> Path:
     name = TRANSFORM_OUTPUTS[kind].format(template=template)
     return anat_dir(output_dir, t1w) / f"{source_prefix(t1w)}_{name}"
+
+
+def run_record_path(output_dir: Path, t1w: T1wInput) -> Path:
+    """Per-T1w record of what was done (``sub-X/log/``, as fMRIPrep keeps its logs)."""
+    return output_dir / f"sub-{t1w.subject}" / "log" / f"{source_prefix(t1w)}_desc-mninorm_run.json"
 
 
 def sidecar_path(image_path: Path) -> Path:

@@ -10,7 +10,7 @@ import logging
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -45,7 +45,6 @@ class T1wOutcome:
     message: str = ""
     outputs: tuple[Path, ...] = ()
     seconds: float = 0.0
-    step_seconds: dict = field(default_factory=dict, compare=False)
 
 
 def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]:
@@ -66,8 +65,13 @@ def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]
 
 
 def process_t1w(
-    t1w: T1wInput, settings: Settings, templates: dict[str, TemplateSet], work_dir: Path
+    t1w: T1wInput,
+    settings: Settings,
+    templates: dict[str, TemplateSet],
+    work_dir: Path,
+    record: dict,
 ) -> T1wOutcome:
+    """All steps for one T1w. ``record`` is filled as they go, so a failure keeps what was known."""
     import ants
 
     from bids_app.bias import correct_bias
@@ -75,7 +79,7 @@ def process_t1w(
     from bids_app.images import load_t1w, nifti_to_ants
     from bids_app.registration import get_engine
 
-    timer = _StepTimer()
+    timer = _StepTimer(record.setdefault("StepSeconds", {}))
     engine = get_engine("ants")
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
@@ -85,6 +89,14 @@ def process_t1w(
         nifti, header = load_t1w(t1w.path)
         t1w_img = nifti_to_ants(nifti)
     stripped_input = _skull_stripped_input(settings.skull_strip, nifti, looks_skull_stripped)
+    record.update(
+        SourceOrientation=header.source_orientation,
+        SourceShape=list(header.source_shape),
+        SourceZoomsMM=list(header.source_zooms),
+        HeaderFixes=list(header.actions),
+        SkullStripDecision=f"{settings.skull_strip}: "
+        + ("input already skull-stripped" if stripped_input else "brain extracted"),
+    )
     log.info(
         "sub-%s: %s (%s, header: %s); skull strip: %s",
         t1w.subject, t1w.relpath, header.source_orientation,
@@ -138,7 +150,7 @@ def process_t1w(
             )
     seconds = timer.total()
     log.info("sub-%s: %s done in %.0f s", t1w.subject, t1w.relpath, seconds)
-    return T1wOutcome(t1w.relpath, t1w.subject, True, "", tuple(outputs), seconds, timer.steps)
+    return T1wOutcome(t1w.relpath, t1w.subject, True, "", tuple(outputs), seconds)
 
 
 def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
@@ -311,8 +323,8 @@ def _software_versions() -> dict:
 
 
 class _StepTimer:
-    def __init__(self):
-        self.steps: dict[str, float] = {}
+    def __init__(self, steps: dict):
+        self.steps = steps
         self._start = time.perf_counter()
 
     def __call__(self, name: str):
@@ -343,14 +355,37 @@ def run_participant(
     outcomes = []
     for t1w in t1ws:
         start = time.perf_counter()
+        record = {"Source": drv.bids_uri(t1w.relpath)}
         try:
-            outcomes.append(process_t1w(t1w, settings, templates, work_dir))
+            outcome = process_t1w(t1w, settings, templates, work_dir, record)
         except MninormError as err:
-            outcomes.append(_failure(t1w, str(err), start))
+            outcome = _failure(t1w, str(err), start)
         except Exception as err:  # anything else: still isolate it, and keep the traceback
             log.debug("sub-%s: %s", subject, traceback.format_exc())
-            outcomes.append(_failure(t1w, f"unexpected {type(err).__name__}: {err}", start))
+            outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
+        _write_run_record(settings, t1w, outcome, record)
+        outcomes.append(outcome)
     return outcomes
+
+
+def _write_run_record(settings: Settings, t1w: T1wInput, outcome: T1wOutcome, record: dict):
+    """What happened to one T1w, success or not: reports and QC read it from disk."""
+    out = settings.output_dir
+    record.update(
+        Status="ok" if outcome.ok else "failed",
+        Error=outcome.message or None,
+        TotalSeconds=round(outcome.seconds, 1),
+        OutputSpaces=[str(space) for space in settings.output_spaces],
+        Preset=settings.preset,
+        RandomSeed=settings.random_seed,
+        Threads=settings.omp_nthreads,
+        Outputs=[drv.derivative_uri(out, path) for path in outcome.outputs],
+        Software=_software_versions(),
+    )
+    try:
+        drv.write_json(record, drv.run_record_path(out, t1w))
+    except OSError as err:  # the record is a convenience; its loss must not fail the T1w
+        log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
 
 
 def _failure(t1w: T1wInput, message: str, start: float) -> T1wOutcome:

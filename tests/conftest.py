@@ -138,9 +138,16 @@ def templateflow_home(template_brain) -> Path:
     if not folder.exists():
         folder.mkdir(parents=True)
         head = with_skull(template_brain, seed=1)
+        mask = brain_mask_of(template_brain)
         head.to_filename(folder / f"tpl-{TEST_TEMPLATE}_res-01_T1w.nii.gz")
-        brain_mask_of(template_brain).to_filename(
-            folder / f"tpl-{TEST_TEMPLATE}_res-01_desc-brain_mask.nii.gz"
+        mask.to_filename(folder / f"tpl-{TEST_TEMPLATE}_res-01_desc-brain_mask.nii.gz")
+        # res-02: a coarser grid (6 mm), for tests of several output resolutions
+        affine, shape = isotropic_grid(template_brain, 2 * GRID_MM)
+        resample_to_grid(head, affine, shape).to_filename(
+            folder / f"tpl-{TEST_TEMPLATE}_res-02_T1w.nii.gz"
+        )
+        resample_to_grid(mask, affine, shape, order=0).to_filename(
+            folder / f"tpl-{TEST_TEMPLATE}_res-02_desc-brain_mask.nii.gz"
         )
         (folder / "template_description.json").write_text(
             json.dumps(

@@ -28,6 +28,7 @@ from bids_app.errors import ExitCode
 
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
 SPACE = TEST_TEMPLATE
+JACOBIANS = ("desc-nonlinear_logjacobian", "desc-total_logjacobian")
 
 
 def _tree_digest(root: Path) -> dict:
@@ -74,14 +75,22 @@ def run(dataset, tmp_path_factory):
     before = _tree_digest(root)
     out = tmp_path_factory.mktemp("out")
     code = main(
-        [str(root), str(out), "participant", "--output-spaces", SPACE, "--preset", "fast",
-         "--nthreads", "2", "--skip-bids-validation"]
+        [str(root), str(out), "participant", "--output-spaces", SPACE, f"{SPACE}:res-2",
+         "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"]
     )  # fmt: skip
     return {"root": root, "out": out, "code": code, "before": before, "truths": truths}
 
 
 def test_failures_are_isolated_and_reported_with_exit_code_1(run):
     assert run["code"] == ExitCode.PARTICIPANT_FAILED
+    log_dir = run["out"] / "sub-03" / "log"
+    failed = json.loads((log_dir / "sub-03_desc-mninorm_run.json").read_text())
+    assert failed["Status"] == "failed"
+    assert "sub-03_T1w.nii.gz: a T1w must be a 3D image" in failed["Error"]
+    done = json.loads((run["out"] / "sub-02" / "log" / "sub-02_desc-mninorm_run.json").read_text())
+    assert done["Status"] == "ok"
+    assert done["SkullStripDecision"] == "auto: brain extracted"
+    assert {"load", "bias", "brain_mask", f"register_{SPACE}"} <= set(done["StepSeconds"])
 
 
 def test_outputs_match_the_golden_list(run):
@@ -175,20 +184,35 @@ def test_brain_extraction_of_a_whole_head_finds_the_brain(run):
     assert _dice(mask.get_fdata(), truth_on_grid) > 0.85
 
 
-def test_jacobian_maps_are_finite_and_on_the_template_grid(run):
+@pytest.mark.parametrize("res", [1, 2])
+def test_every_requested_resolution_is_on_its_template_grid(run, res):
     folder = _anat(run, "02")
-    template = nib.load(_template_file("T1w"))
-    for desc in ("nonlinear", "total"):
-        img = nib.load(folder / f"sub-02_space-{SPACE}_desc-{desc}_logjacobian.nii.gz")
+    template = nib.load(_template_file("T1w", res))
+    space = SPACE if res == 1 else f"{SPACE}_res-{res}"
+    for suffix in ("desc-preproc_T1w", "desc-brain_mask", *JACOBIANS):
+        img = nib.load(folder / f"sub-02_space-{space}_{suffix}.nii.gz")
         assert img.shape == template.shape
         np.testing.assert_allclose(img.affine, template.affine, atol=1e-4)
         assert np.isfinite(img.get_fdata()).all()
+    sidecar = json.loads((folder / f"sub-02_space-{space}_desc-preproc_T1w.json").read_text())
+    assert ("Resolution" in sidecar) == (res != 1)
 
 
-def _template_file(kind: str) -> Path:
+def test_jacobians_of_the_two_resolutions_agree(run):
+    folder = _anat(run, "02")
+    fine = nib.load(folder / f"sub-02_space-{SPACE}_desc-total_logjacobian.nii.gz")
+    coarse = nib.load(folder / f"sub-02_space-{SPACE}_res-2_desc-total_logjacobian.nii.gz")
+    from nibabel.processing import resample_from_to
+
+    mask = nib.load(_template_file("mask", 2)).get_fdata() > 0
+    fine_on_coarse = resample_from_to(fine, coarse, order=1).get_fdata()
+    assert np.median(np.abs(fine_on_coarse - coarse.get_fdata())[mask]) < 0.02
+
+
+def _template_file(kind: str, res: int = 1) -> Path:
     home = Path(os.environ["TEMPLATEFLOW_HOME"]) / f"tpl-{SPACE}"
     suffix = "T1w" if kind == "T1w" else "desc-brain_mask"
-    return home / f"tpl-{SPACE}_res-01_{suffix}.nii.gz"
+    return home / f"tpl-{SPACE}_res-{res:02d}_{suffix}.nii.gz"
 
 
 def test_rerun_of_one_participant_keeps_the_others_and_leaves_no_partial_files(run):
@@ -196,7 +220,8 @@ def test_rerun_of_one_participant_keeps_the_others_and_leaves_no_partial_files(r
     others = {p: p.stat().st_mtime_ns for p in (out / "sub-01").rglob("*") if p.is_file()}
     code = main(
         [str(run["root"]), str(out), "participant", "--participant-label", "sub-02",
-         "--output-spaces", SPACE, "--preset", "fast", "--skip-bids-validation", "--in-process"]
+         "--output-spaces", SPACE, f"{SPACE}:res-2", "--preset", "fast",
+         "--skip-bids-validation", "--in-process"]
     )  # fmt: skip
     assert code == ExitCode.OK
     assert {p: p.stat().st_mtime_ns for p in others} == others
@@ -218,7 +243,7 @@ def test_same_seed_and_one_thread_give_identical_outputs(dataset, tmp_path):
         assert code == ExitCode.OK
         images = sorted((out / "sub-01" / "ses-1" / "anat").glob("*.nii.gz"))
         digests.append({p.name: nib.load(p).get_fdata().tobytes() for p in images})
-    assert len(digests[0]) == 6
+    assert len(digests[0]) == 6  # native T1w and mask, 4 in template space
     assert digests[0] == digests[1]
 
 
