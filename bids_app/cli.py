@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep intermediate files here (default: a temporary folder, removed at the end)",
     )  # fmt: skip
     run.add_argument(
-        "--nthreads", "--n_cpus", type=int, default=os.cpu_count() or 1,
-        help="threads for the whole run (default: all CPUs)",
+        "--nthreads", "--n_cpus", type=int, default=len(os.sched_getaffinity(0)),
+        help="threads for the whole run (default: the CPUs this process may use)",
     )  # fmt: skip
     run.add_argument(
         "--omp-nthreads", type=int,
