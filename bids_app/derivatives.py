@@ -36,7 +36,21 @@ TRANSFORM_OUTPUTS = {
     "t1w2std_xfm": "from-T1w_to-{template}_mode-image_xfm.h5",
     "std2t1w_xfm": "from-{template}_to-T1w_mode-image_xfm.h5",
 }
-BIDSIGNORE = ("*_xfm.*", "*_logjacobian.*", "figures/", "log/", "logs/", "*.html")
+# QC and report (qc.py, report.py): per T1w (after the source entities), per participant, dataset
+QC_OUTPUTS = {
+    "table": "desc-mninorm_qc.tsv",
+    "sidecar": "desc-mninorm_qc.json",
+}
+FIGURE_OUTPUTS = {
+    "brain_mask": "desc-brain_mask.png",
+    "space_t1w": "space-{space}_desc-preproc_T1w.png",
+    "space_template": "space-{space}_desc-template_T1w.png",
+    "logjac_nonlinear": "space-{space}_desc-nonlinear_logjacobian.png",
+}
+REPORT = "sub-{subject}.html"
+CITATION = "logs/CITATION.md"
+RUN_RECORD = "desc-mninorm_run.json"
+BIDSIGNORE = ("*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures/", "log/", "logs/", "*.html")
 
 
 def source_prefix(t1w: T1wInput) -> str:
@@ -75,9 +89,26 @@ def transform_path(output_dir: Path, t1w: T1wInput, kind: str, template: str) ->
     return anat_dir(output_dir, t1w) / f"{source_prefix(t1w)}_{name}"
 
 
+def run_record_dir(output_dir: Path, subject: str) -> Path:
+    return output_dir / f"sub-{subject}" / "log"
+
+
 def run_record_path(output_dir: Path, t1w: T1wInput) -> Path:
     """Per-T1w record of what was done (``sub-X/log/``, as fMRIPrep keeps its logs)."""
-    return output_dir / f"sub-{t1w.subject}" / "log" / f"{source_prefix(t1w)}_desc-mninorm_run.json"
+    return run_record_dir(output_dir, t1w.subject) / f"{source_prefix(t1w)}_{RUN_RECORD}"
+
+
+def qc_path(output_dir: Path, t1w: T1wInput, kind: str) -> Path:
+    return anat_dir(output_dir, t1w) / f"{source_prefix(t1w)}_{QC_OUTPUTS[kind]}"
+
+
+def figure_path(output_dir: Path, t1w: T1wInput, kind: str, space: OutputSpace | None = None):
+    name = FIGURE_OUTPUTS[kind].format(space=space_label(space) if space else "")
+    return output_dir / f"sub-{t1w.subject}" / "figures" / f"{source_prefix(t1w)}_{name}"
+
+
+def report_path(output_dir: Path, subject: str) -> Path:
+    return output_dir / REPORT.format(subject=subject)
 
 
 def sidecar_path(image_path: Path) -> Path:

@@ -365,7 +365,19 @@ def run_participant(
             outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
         _write_run_record(settings, t1w, outcome, record)
         outcomes.append(outcome)
+    _write_report(subject, settings)
     return outcomes
+
+
+def _write_report(subject: str, settings: Settings) -> None:
+    """QC, figures and the HTML report, from what is on disk; their failure never fails a T1w."""
+    try:
+        from bids_app.report import write_participant_report
+
+        write_participant_report(settings.output_dir, subject)
+    except Exception as err:
+        log.debug("sub-%s: %s", subject, traceback.format_exc())
+        log.warning("sub-%s: QC and report not written (%s: %s)", subject, type(err).__name__, err)
 
 
 def _write_run_record(settings: Settings, t1w: T1wInput, outcome: T1wOutcome, record: dict):

@@ -6,6 +6,7 @@ real ANTs registrations take seconds. Nothing here needs ../shared or the networ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -192,6 +193,54 @@ def participant_brain(template_brain, affine=None, grid_codes="RAS", zooms=(3.0,
     shape = tuple(int(np.ceil(s / z)) for s, z in zip(shape, zooms, strict=True))
     moved = warp_image(template_brain, to_template, grid_affine, shape)
     return reorient(moved, grid_codes)
+
+
+# ---- one participant-level run on a tiny dataset, shared by the end-to-end tests ----------------
+
+E2E_SPACE = TEST_TEMPLATE
+
+
+def tree_digest(root: Path) -> dict:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, template_brain, templateflow_home):
+    """sub-01: a skull-stripped brain, run-1 stored RAS and run-2 the same image stored LAS;
+    sub-02: a whole head stored LIA; sub-03: a 4D T1w (fails); sub-04: no T1w at all."""
+    root = tmp_path_factory.mktemp("bids")
+    write_dataset_description(root)
+    brain = participant_brain(template_brain)
+    save_t1w(brain, root, "01", session="1", run="1")
+    save_t1w(reorient(brain, "LAS"), root, "01", session="1", run="2")
+    other = known_affine(rot_deg=(-5, 4, -7), shift=(-3, 5, -4), scale=(0.96, 1.04, 1.0))
+    head_brain = participant_brain(template_brain, other, "LIA")
+    save_t1w(with_skull(head_brain, seed=2), root, "02")
+    four_d = nib.Nifti1Image(np.stack([brain.get_fdata()] * 2, axis=-1), brain.affine)
+    save_t1w(four_d, root, "03")
+    (root / "sub-04" / "anat").mkdir(parents=True)
+    (root / "sub-04" / "anat" / "sub-04_T2w.nii.gz").write_bytes(b"")
+    truths = {"sub-02": brain_mask_of(head_brain)}
+    return root, truths
+
+
+@pytest.fixture(scope="session")
+def run(dataset, tmp_path_factory):
+    """One participant-level run, each participant in its own process, as users run it."""
+    root, truths = dataset
+    from bids_app.cli import main
+
+    before = tree_digest(root)
+    out = tmp_path_factory.mktemp("out")
+    code = main(
+        [str(root), str(out), "participant", "--output-spaces", E2E_SPACE, f"{E2E_SPACE}:res-2",
+         "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"]
+    )  # fmt: skip
+    return {"root": root, "out": out, "code": code, "before": before, "truths": truths}
 
 
 @pytest.fixture(scope="session")

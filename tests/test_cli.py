@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,16 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import (
-    TEST_TEMPLATE,
-    brain_mask_of,
-    known_affine,
-    participant_brain,
-    reorient,
-    save_t1w,
-    with_skull,
-    write_dataset_description,
-)
+from conftest import TEST_TEMPLATE, tree_digest
 
 from bids_app.cli import main
 from bids_app.errors import ExitCode
@@ -31,14 +21,6 @@ SPACE = TEST_TEMPLATE
 JACOBIANS = ("desc-nonlinear_logjacobian", "desc-total_logjacobian")
 
 
-def _tree_digest(root: Path) -> dict:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
@@ -46,39 +28,6 @@ def _files(root: Path) -> list[str]:
 def _golden() -> list[str]:
     lines = GOLDEN.read_text().splitlines()
     return sorted(line for line in lines if line and not line.startswith("#"))
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory, template_brain, templateflow_home):
-    """sub-01: a skull-stripped brain, run-1 stored RAS and run-2 the same image stored LAS;
-    sub-02: a whole head stored LIA; sub-03: a 4D T1w (fails); sub-04: no T1w at all."""
-    root = tmp_path_factory.mktemp("bids")
-    write_dataset_description(root)
-    brain = participant_brain(template_brain)
-    save_t1w(brain, root, "01", session="1", run="1")
-    save_t1w(reorient(brain, "LAS"), root, "01", session="1", run="2")
-    other = known_affine(rot_deg=(-5, 4, -7), shift=(-3, 5, -4), scale=(0.96, 1.04, 1.0))
-    head_brain = participant_brain(template_brain, other, "LIA")
-    save_t1w(with_skull(head_brain, seed=2), root, "02")
-    four_d = nib.Nifti1Image(np.stack([brain.get_fdata()] * 2, axis=-1), brain.affine)
-    save_t1w(four_d, root, "03")
-    (root / "sub-04" / "anat").mkdir(parents=True)
-    (root / "sub-04" / "anat" / "sub-04_T2w.nii.gz").write_bytes(b"")
-    truths = {"sub-02": brain_mask_of(head_brain)}
-    return root, truths
-
-
-@pytest.fixture(scope="session")
-def run(dataset, tmp_path_factory):
-    """One participant-level run, each participant in its own process, as users run it."""
-    root, truths = dataset
-    before = _tree_digest(root)
-    out = tmp_path_factory.mktemp("out")
-    code = main(
-        [str(root), str(out), "participant", "--output-spaces", SPACE, f"{SPACE}:res-2",
-         "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"]
-    )  # fmt: skip
-    return {"root": root, "out": out, "code": code, "before": before, "truths": truths}
 
 
 def test_failures_are_isolated_and_reported_with_exit_code_1(run):
@@ -98,7 +47,7 @@ def test_outputs_match_the_golden_list(run):
 
 
 def test_input_dataset_is_not_modified(run):
-    assert _tree_digest(run["root"]) == run["before"]
+    assert tree_digest(run["root"]) == run["before"]
 
 
 def test_dataset_description_and_bidsignore(run):

@@ -1,0 +1,588 @@
+"""Per-participant QC, figures and a self-contained HTML report, built only from what is on disk.
+
+``write_participant_report(output_dir, subject)`` reads the participant's run records, measures the
+QC (``qc.py``), draws the figures (``figures.py``) into ``sub-<label>/figures/``, writes
+``sub-<label>.html`` at the output root and the methods paragraph ``logs/CITATION.md``. Nothing
+comes from memory of a run, so ``mninorm ... --reports-only`` rebuilds all of it.
+
+The page needs no network: styles and the small script are inline, figures are PNG files next to
+it referred to by relative paths, fonts are the system's.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bids_app import __version__, qc
+from bids_app import derivatives as drv
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_REFERENCES = {
+    "ANTs": "Avants BB, Epstein CL, Grossman M, Gee JC (2008). Symmetric diffeomorphic image "
+    "registration with cross-correlation: evaluating automated labeling of elderly and "
+    "neurodegenerative brain. Medical Image Analysis 12(1):26-41. "
+    "https://doi.org/10.1016/j.media.2007.06.004",
+    "N4": "Tustison NJ, Avants BB, Cook PA, Zheng Y, Egan A, Yushkevich PA, Gee JC (2010). N4ITK: "
+    "improved N3 bias correction. IEEE Transactions on Medical Imaging 29(6):1310-1320. "
+    "https://doi.org/10.1109/TMI.2010.2046908",
+    "TemplateFlow": "Ciric R, Thompson WH, Lorenz R, et al. (2022). TemplateFlow: FAIR-sharing of "
+    "multi-scale, multi-species brain models. Nature Methods 19:1568-1571. "
+    "https://doi.org/10.1038/s41592-022-01681-2",
+}
+
+# QC table of the report: column -> (label, how to show the value)
+_QC_ROWS = {
+    "ncc": ("Correlation with the template (NCC)", "{:.3f}"),
+    "mi": ("Mutual information (bits)", "{:.3f}"),
+    "nmi": ("Normalised mutual information", "{:.3f}"),
+    "dice": ("Dice of the brain masks", "{:.3f}"),
+    "jacobian_min": ("Smallest Jacobian determinant (SyN part)", "{:.3f}"),
+    "jacobian_max": ("Largest Jacobian determinant (SyN part)", "{:.3f}"),
+    "folding_fraction": ("Folded voxels (determinant <= 0)", "{:.4%}"),
+    "logjac_median": ("Median log-Jacobian (SyN part)", "{:+.3f}"),
+    "logjac_iqr": ("Interquartile range of the log-Jacobian", "{:.3f}"),
+    "affine_volume_ratio": ("Global volume ratio (affine part)", "{:.3f}"),
+    "brain_volume_ml": ("Native brain volume (ml)", "{:.0f}"),
+}
+
+
+@dataclass(frozen=True)
+class ParticipantReport:
+    subject: str
+    status: str
+    report: Path
+    qc_tables: tuple[Path, ...]
+    figures: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """Relative paths (from the output root) of one T1w's figures, per template."""
+
+    brain_mask: str | None
+    normalisation: dict  # template -> (participant figure, template figure)
+    logjac: dict  # template -> figure
+    problems: tuple[str, ...] = ()
+
+
+def write_participant_report(
+    output_dir: Path, subject: str, fetch_template: Callable | None = None
+) -> ParticipantReport:
+    """QC tables, figures, ``sub-<label>.html`` and ``logs/CITATION.md`` for one participant."""
+    if fetch_template is None:
+        from bids_app.templates import fetch_template
+    fetch_template = _cached(fetch_template)
+    output_dir = Path(output_dir)
+    records = qc.collect_records(output_dir, subject)
+    if not records:
+        raise FileNotFoundError(
+            f"sub-{subject}: no run record in {drv.run_record_dir(output_dir, subject)}; "
+            "run the participant level first"
+        )
+    results = [qc.measure_t1w(output_dir, record, fetch_template) for record in records]
+    status = qc.worst(result.status for result in results)
+    tables = tuple(qc.write_qc(output_dir, result, status) for result in results)
+    figures = {
+        result.record: _draw_figures(output_dir, result, fetch_template) for result in results
+    }
+    citation = methods_text(output_dir, records, fetch_template)
+    drv.write_text(citation, output_dir / drv.CITATION)
+    page = render_html(subject, status, results, figures, citation)
+    report = drv.write_text(page, drv.report_path(output_dir, subject))
+    log.info("sub-%s: QC %s; report %s", subject, status, report)
+    written = tuple(
+        output_dir / path
+        for drawn in figures.values()
+        for path in _figure_list(drawn)
+    )  # fmt: skip
+    return ParticipantReport(subject, status, report, tables, written)
+
+
+def rebuild_reports(output_dir: Path, participant_labels: tuple[str, ...] = ()) -> list[str]:
+    """``--reports-only``: QC and reports of the selected participants found in ``output_dir``.
+
+    Returns the participants whose report could not be built (each is logged).
+    """
+    from bids_app.discovery import strip_prefix
+    from bids_app.errors import NothingMatchedError
+
+    available = qc.subjects_on_disk(output_dir)
+    wanted = [strip_prefix(label, "sub-") for label in participant_labels] or available
+    unknown = [label for label in wanted if label not in available]
+    if unknown or not wanted:
+        raise NothingMatchedError(
+            f"no run record of participant(s) {', '.join(unknown) or '(any)'} in {output_dir}: "
+            "--reports-only rebuilds reports of participants already processed there ("
+            + (", ".join(available) or "none")
+            + ")"
+        )
+    failed = []
+    for subject in dict.fromkeys(wanted):
+        try:
+            write_participant_report(output_dir, subject)
+        except Exception as err:
+            log.debug("sub-%s: report failed", subject, exc_info=True)
+            log.error(
+                "sub-%s: QC and report not written (%s: %s)", subject, type(err).__name__, err
+            )
+            failed.append(subject)
+    return failed
+
+
+def _cached(fetch_template: Callable) -> Callable:
+    found: dict = {}
+
+    def fetch(name: str, resolution: int = 1):
+        if (name, resolution) not in found:
+            found[name, resolution] = fetch_template(name, resolution)
+        return found[name, resolution]
+
+    return fetch
+
+
+# ---- figures ---------------------------------------------------------------------------------
+
+
+def _draw_figures(output_dir: Path, result: qc.T1wQC, fetch_template) -> _Figures:
+    import nibabel as nib
+
+    from bids_app import figures
+
+    record, t1w = result.record, result.record.t1w
+    if not record.ok:
+        return _Figures(None, {}, {})
+    problems = []
+
+    def relative(path: Path) -> str:
+        return path.relative_to(output_dir).as_posix()
+
+    brain_mask = None
+    native_t1w = drv.native_path(output_dir, t1w, "t1w")
+    native_mask = drv.native_path(output_dir, t1w, "mask")
+    if native_t1w.is_file() and native_mask.is_file():
+        path = drv.figure_path(output_dir, t1w, "brain_mask")
+        figures.plot_brain_mask(nib.load(native_t1w), nib.load(native_mask), path)
+        brain_mask = relative(path)
+    else:
+        problems.append("the native T1w or brain mask is missing")
+    normalisation, logjac = {}, {}
+    for space_qc in result.spaces:
+        space = space_qc.space
+        if space is None or space_qc.template == "n/a":
+            continue
+        if not space_qc.metrics:  # QC could not read this template's outputs: nothing to draw
+            problems.append(f"the {space} outputs are missing or unusable")
+            continue
+        template = fetch_template(space.template, space.grid_resolution)
+        normalised = drv.space_path(output_dir, t1w, "t1w", space)
+        logjac_map = drv.space_path(output_dir, t1w, "logjac_nonlinear", space)
+        if not normalised.is_file() or not logjac_map.is_file():
+            problems.append(f"the {space} outputs are missing")
+            continue
+        pair = (
+            drv.figure_path(output_dir, t1w, "space_t1w", space),
+            drv.figure_path(output_dir, t1w, "space_template", space),
+        )
+        template_t1w, template_mask = nib.load(template.t1w_path), nib.load(template.mask_path)
+        figures.plot_normalisation(nib.load(normalised), template_t1w, template_mask, pair)
+        path = drv.figure_path(output_dir, t1w, "logjac_nonlinear", space)
+        figures.plot_log_jacobian(nib.load(logjac_map), template_t1w, template_mask, path)
+        normalisation[space_qc.template] = tuple(relative(p) for p in pair)
+        logjac[space_qc.template] = relative(path)
+    return _Figures(brain_mask, normalisation, logjac, tuple(problems))
+
+
+def _figure_list(drawn: _Figures) -> list[str]:
+    paths = [drawn.brain_mask] if drawn.brain_mask else []
+    for pair in drawn.normalisation.values():
+        paths += list(pair)
+    return paths + list(drawn.logjac.values())
+
+
+# ---- the methods paragraph -------------------------------------------------------------------
+
+
+def methods_text(output_dir: Path, records: list[qc.RunRecord], fetch_template) -> str:
+    """``logs/CITATION.md``: a paragraph to paste into a paper, with its references."""
+    ok = [r for r in records if r.ok] or records
+    first = ok[0]
+    software = first.content.get("Software", {})
+    registration = _space_sidecar(output_dir, first).get("Registration", {})
+    templates = list(dict.fromkeys(t for r in ok for t in qc.spaces_by_template(r)))
+    template_texts, template_refs = [], []
+    for name in templates:
+        try:
+            template = fetch_template(name, 1)
+        except Exception:  # noqa: BLE001 - metadata decorates the text; its absence must not stop it
+            template_texts.append(f"{name} (TemplateFlow identifier {name})")
+            continue
+        template_texts.append(
+            f"the {template.full_name} template (TemplateFlow identifier `{name}`, "
+            f"TemplateFlow version {template.metadata_version})"
+        )
+        template_refs += list(template.citations)
+    stages = registration.get("Stages") or _preset_stages(first.content.get("Preset"))
+    seed = first.content.get("RandomSeed")
+    lines = [
+        "# Methods",
+        "",
+        "T1-weighted images were normalised to standard space with mninorm "
+        f"{software.get('mninorm', __version__)} ({drv.CODE_URL}), which uses ANTs through "
+        f"ANTsPy {software.get('antspyx', 'unknown')} [ANTs], NiBabel "
+        f"{software.get('nibabel', 'unknown')} and TemplateFlow "
+        f"{software.get('templateflow', 'unknown')} [TemplateFlow]. Each image's header was "
+        "checked and the image reoriented to RAS. Intensity non-uniformity was corrected with N4 "
+        "[N4] after truncating intensities to their 0.01-0.999 quantiles. The brain was extracted "
+        "by registering the head to the template head (rigid, affine, then a coarse SyN) and "
+        "bringing the template's brain mask back onto the participant (images that were already "
+        "skull-stripped were used as they were). The brain was then registered to "
+        + _join(template_texts)
+        + f" [Template] with antsRegistration ({stages}; both images masked, histogram matching, "
+        "intensities winsorised to 0.5-99.5%"
+        + (f", random seed {seed}" if seed is not None else "")
+        + "). The T1w was resampled into template space with the composite transform (Lanczos "
+        "windowed-sinc interpolation), and log-Jacobian-determinant maps were computed from the "
+        "transform's displacement field and affine part.",
+        "",
+        "## References",
+        "",
+        *[f"- [{key}] {text}" for key, text in SOFTWARE_REFERENCES.items()],
+        *[f"- [Template] {ref}" for ref in dict.fromkeys(template_refs)],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _space_sidecar(output_dir: Path, record: qc.RunRecord) -> dict:
+    for template, spaces in qc.spaces_by_template(record).items():
+        path = drv.sidecar_path(drv.space_path(output_dir, record.t1w, "t1w", spaces[0]))
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.debug("no sidecar for %s in %s", template, path)
+    return {}
+
+
+def _preset_stages(preset: str | None) -> str:
+    from bids_app.registration.ants import get_preset
+
+    try:
+        return get_preset(preset or "").description
+    except ValueError:
+        return f"preset {preset}"
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# ---- the page --------------------------------------------------------------------------------
+
+
+def render_html(subject: str, status: str, results, figures: dict, citation: str) -> str:
+    sections = "\n".join(_t1w_section(result, figures[result.record]) for result in results)
+    navigation = "".join(
+        f'<li><a href="#{_anchor(r.record)}">{_e(r.record.t1w.path.name)}</a> '
+        f"{_badge(r.status)}</li>"
+        for r in results
+    )
+    return _PAGE.format(
+        subject=_e(subject),
+        status_badge=_badge(status),
+        version=_e(__version__),
+        navigation=navigation,
+        overview=_overview(results),
+        sections=sections,
+        methods=_methods_html(citation),
+        citation_path=_e(drv.CITATION),
+        style=_STYLE,
+        script=_SCRIPT,
+    )
+
+
+def _overview(results) -> str:
+    rows = []
+    for result in results:
+        for space_qc in result.spaces:
+            metrics = space_qc.metrics
+            rows.append(
+                "<tr>"
+                f'<td><a href="#{_anchor(result.record)}">{_e(result.record.t1w.path.name)}</a>'
+                "</td>"
+                f"<td>{_e(space_qc.template)}</td><td>{_badge(space_qc.status)}</td>"
+                f"<td>{_number(metrics.get('ncc'), '{:.3f}')}</td>"
+                f"<td>{_number(metrics.get('dice'), '{:.3f}')}</td>"
+                f"<td>{_number(metrics.get('folding_fraction'), '{:.4%}')}</td>"
+                f"<td>{_e('; '.join(space_qc.reasons)) or 'none'}</td>"
+                "</tr>"
+            )
+    return (
+        '<table class="overview"><thead><tr><th>T1w</th><th>template</th><th>status</th>'
+        "<th>NCC</th><th>Dice</th><th>folding</th><th>reasons</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
+    record = result.record
+    content = record.content
+    parts = [
+        f'<section class="t1w" id="{_anchor(record)}">',
+        f"<h2>{_e(record.t1w.path.name)} {_badge(result.status)}</h2>",
+        "<h3>Summary</h3>",
+        _summary_table(record),
+    ]
+    if not record.ok:
+        parts.append(
+            f'<p class="error">This T1w failed: {_e(content.get("Error") or "unknown error")}</p>'
+        )
+    for problem in drawn.problems:
+        parts.append(f'<p class="error">No figure: {_e(problem)}.</p>')
+    if drawn.brain_mask:
+        parts.append(
+            "<h3>Brain mask</h3>"
+            + _figure(
+                drawn.brain_mask,
+                "Brain mask (red outline) on the bias-corrected T1w in its own space. Check that "
+                "the outline follows the brain's edge: no skull or eyes inside, no cortex cut off.",
+            )
+        )
+    for space_qc in result.spaces:
+        template = space_qc.template
+        if template in drawn.normalisation:
+            participant_png, template_png = drawn.normalisation[template]
+            grid = "" if str(space_qc.space) == template else f" ({_e(str(space_qc.space))} grid)"
+            parts.append(f"<h3>Normalisation to {_e(template)}{grid}</h3>")
+            parts.append(_flicker(template, participant_png, template_png))
+        if template in drawn.logjac:
+            parts.append(
+                "<h3>Log-Jacobian (nonlinear part)</h3>"
+                + _figure(
+                    drawn.logjac[template],
+                    "Log of the Jacobian determinant of the SyN part, in template space: red where "
+                    "the participant's tissue is larger than the template's, blue where smaller "
+                    "(colour scale +-0.5). Smooth, symmetric blobs are expected; speckle, stripes "
+                    "or saturated patches point to a poor warp.",
+                )
+            )
+        if space_qc.metrics or space_qc.reasons:
+            parts.append(f"<h3>QC against {_e(template)}</h3>" + _qc_table(space_qc))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _summary_table(record: qc.RunRecord) -> str:
+    content = record.content
+    steps = content.get("StepSeconds") or {}
+    software = content.get("Software") or {}
+    zooms = content.get("SourceZoomsMM") or []
+    rows = [
+        ("Input", content.get("Source")),
+        ("Run", content.get("Status")),
+        ("Input orientation", content.get("SourceOrientation")),
+        ("Input shape", " x ".join(map(str, content.get("SourceShape") or [])) or None),
+        ("Input voxel size (mm)", " x ".join(f"{z:.3g}" for z in zooms) or None),
+        ("Header fixes", "; ".join(content.get("HeaderFixes") or []) or "none needed"),
+        ("Skull strip", content.get("SkullStripDecision")),
+        ("Output spaces", ", ".join(content.get("OutputSpaces") or [])),
+        (
+            "Registration",
+            f"preset {content.get('Preset')}: {_preset_stages(content.get('Preset'))}",
+        ),
+        ("Random seed; threads", f"{content.get('RandomSeed')}; {content.get('Threads')}"),
+        ("Run time", _seconds(content.get("TotalSeconds"))),
+        ("Steps", ", ".join(f"{k} {_seconds(v)}" for k, v in steps.items()) or None),
+        ("Software", ", ".join(f"{k} {v}" for k, v in software.items()) or None),
+    ]
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v) if v else 'n/a'}</td></tr>" for k, v in rows)
+    outputs = content.get("Outputs") or []
+    links = "".join(
+        f'<li><a href="{_e(uri.split("::", 1)[-1])}">{_e(uri.split("/")[-1])}</a></li>'
+        for uri in outputs
+    )
+    details = (
+        f"<details><summary>{len(outputs)} output file(s)</summary><ul>{links}</ul></details>"
+        if outputs
+        else ""
+    )
+    return f'<table class="summary"><tbody>{body}</tbody></table>{details}'
+
+
+def _qc_table(space_qc: qc.SpaceQC) -> str:
+    rules = {rule.column: rule for rule in qc.RULES}
+    rows = []
+    for column, (label, form) in _QC_ROWS.items():
+        value = space_qc.metrics.get(column)
+        rule = rules.get(column)
+        verdict = rule.grade(value) if rule else ""
+        rows.append(
+            f"<tr><th>{_e(label)}</th><td>{_number(value, form)}</td>"
+            f"<td>{_e(rule.describe()) if rule else ''}</td>"
+            f"<td>{_badge(verdict) if verdict else ''}</td></tr>"
+        )
+    reasons = "".join(f"<li>{_e(reason)}</li>" for reason in space_qc.reasons)
+    return (
+        '<table class="qc"><thead><tr><th>metric</th><th>value</th><th>thresholds</th>'
+        f"<th>verdict</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        + (f'<ul class="reasons">{reasons}</ul>' if reasons else "")
+    )
+
+
+def _figure(src: str, caption: str) -> str:
+    return (
+        f'<figure><img src="{_e(src)}" alt="{_e(caption)}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _flicker(template: str, participant_png: str, template_png: str) -> str:
+    return f"""<figure class="flicker">
+<div class="stack">
+<img class="participant" src="{_e(participant_png)}" alt="normalised T1w with the outline of the \
+{_e(template)} brain">
+<img class="template" src="{_e(template_png)}" alt="the {_e(template)} template with its brain \
+outline">
+</div>
+<figcaption><button type="button" aria-pressed="false">Show the template</button>
+Showing <b class="shows-participant">the normalised T1w</b><b class="shows-template">the \
+template</b>, with the template's brain outline (green). Hover over the image, or press the \
+button, to flick between the two: anatomy that jumps marks a misalignment.</figcaption>
+</figure>"""
+
+
+def _methods_html(citation: str) -> str:
+    blocks = []
+    for block in citation.strip().split("\n\n"):
+        if block.startswith("# "):
+            continue
+        if block.startswith("## "):
+            blocks.append(f"<h3>{_e(block[3:])}</h3>")
+        elif block.startswith("- "):
+            items = "".join(f"<li>{_e(line[2:])}</li>" for line in block.splitlines())
+            blocks.append(f"<ul>{items}</ul>")
+        else:
+            blocks.append(f'<p class="methods">{_e(block)}</p>')
+    return "\n".join(blocks)
+
+
+def _anchor(record: qc.RunRecord) -> str:
+    return f"t1w-{record.prefix}"
+
+
+def _badge(status: str) -> str:
+    return f'<span class="badge {_e(status)}">{_e(status)}</span>'
+
+
+def _number(value, form: str) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return form.format(value)
+
+
+def _seconds(value) -> str | None:
+    if value is None:
+        return None
+    value = float(value)
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+  margin: 0 auto; max-width: 1280px; padding: 0 1.2em 3em; color: #1d1d1f; background: #fff; }
+header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd;
+  padding: .6em 0; z-index: 2; }
+header h1 { margin: 0; font-size: 1.4em; }
+header ul { margin: .3em 0 0; padding: 0; list-style: none; display: flex; flex-wrap: wrap;
+  gap: .3em 1.2em; font-size: .9em; }
+section, figure { scroll-margin-top: 6em; }
+h2 { margin-top: 2em; border-bottom: 2px solid #333; padding-bottom: .2em; }
+h3 { margin: 1.4em 0 .4em; font-size: 1.05em; }
+table { border-collapse: collapse; font-size: .88em; margin: .3em 0; }
+th, td { text-align: left; padding: .25em .7em; border-bottom: 1px solid #e4e4e4;
+  vertical-align: top; }
+table.summary th { width: 13em; color: #444; font-weight: 600; }
+table.qc td:nth-child(2) { font-variant-numeric: tabular-nums; text-align: right; }
+.badge { display: inline-block; padding: .05em .55em; border-radius: .8em; font-size: .8em;
+  font-weight: 700; text-transform: uppercase; letter-spacing: .03em; vertical-align: middle; }
+.badge.pass { background: #d7f5df; color: #0b5d27; }
+.badge.warn { background: #fff0c2; color: #7a5300; }
+.badge.fail { background: #ffd9d6; color: #9b1c12; }
+.error { background: #ffd9d6; color: #6b130c; padding: .5em .8em; border-radius: .3em; }
+figure { margin: .4em 0 1em; }
+figure img { max-width: 100%; height: auto; display: block; background: #000; }
+figcaption { font-size: .85em; color: #444; margin-top: .3em; max-width: 75em; }
+.stack { position: relative; display: inline-block; max-width: 100%; cursor: crosshair; }
+.stack img.template { position: absolute; left: 0; top: 0; width: 100%; height: 100%;
+  visibility: hidden; }
+.stack:hover img.template { visibility: visible; }
+.flicker.show-template .stack img.template { visibility: visible; }
+.flicker.show-template .stack:hover img.template { visibility: hidden; }
+.flicker .shows-template, .flicker.show-template .shows-participant { display: none; }
+.flicker.show-template .shows-template { display: inline; }
+.flicker:has(.stack:hover) .shows-participant { display: none; }
+.flicker:has(.stack:hover) .shows-template { display: inline; }
+.flicker.show-template:has(.stack:hover) .shows-participant { display: inline; }
+.flicker.show-template:has(.stack:hover) .shows-template { display: none; }
+button { font: inherit; font-size: .95em; padding: .15em .7em; margin-right: .5em;
+  cursor: pointer; }
+p.methods { max-width: 60em; line-height: 1.45; }
+details { font-size: .85em; margin: .3em 0; }
+footer { margin-top: 3em; font-size: .8em; color: #666; }
+"""
+
+_SCRIPT = """
+document.querySelectorAll("figure.flicker").forEach(function (figure) {
+  var button = figure.querySelector("button");
+  button.addEventListener("click", function () {
+    var showsTemplate = figure.classList.toggle("show-template");
+    button.setAttribute("aria-pressed", showsTemplate ? "true" : "false");
+    button.textContent = showsTemplate ? "Show the normalised T1w" : "Show the template";
+  });
+});
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>sub-{subject}: mninorm report</title>
+<style>{style}</style>
+</head>
+<body>
+<header>
+<h1>sub-{subject} {status_badge}</h1>
+<ul>{navigation}<li><a href="#methods">Methods</a></li></ul>
+</header>
+<section id="overview">
+<h2>Overview</h2>
+<p>One row per T1w and template. The status follows the thresholds in each QC table (and in the
+JSON sidecar of each <code>*_desc-mninorm_qc.tsv</code>); the participant's status is the worst.</p>
+{overview}
+</section>
+{sections}
+<section id="methods">
+<h2>Methods</h2>
+{methods}
+<p>The same text, to paste into a paper: <a href="{citation_path}">{citation_path}</a>.</p>
+</section>
+<footer>mninorm {version}. Built from the files in this folder; rebuild with
+<code>mninorm bids_dir output_dir participant --reports-only</code>.</footer>
+<script>{script}</script>
+</body>
+</html>
+"""

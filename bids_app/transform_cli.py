@@ -1,0 +1,266 @@
+"""``mninorm-transform``: coordinates and images between a participant's T1w space and a template
+space, using the transforms in an mninorm output folder. Coordinates are RAS+ millimetres.
+
+Exit codes as ``mninorm`` (see ``errors.ExitCode``): 0 ok, 18 nothing matched, 64 usage,
+66 missing input, 69 template unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bids_app import __version__
+from bids_app.cli import UsageExitParser, configure_logging
+from bids_app.errors import ExitCode, MissingInputError, MninormError, UsageError
+
+log = logging.getLogger("bids_app")
+DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = UsageExitParser(
+        prog="mninorm-transform",
+        description="Map coordinates and images between a participant's T1w space and a "
+        "template space with the transforms mninorm wrote. Coordinates are RAS+ mm "
+        "(scanner/NIfTI/MNI convention).",
+    )
+    parser.add_argument("--version", action="version", version=f"mninorm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=UsageExitParser)
+
+    points = commands.add_parser("points", help="map a table of coordinates (x, y, z columns)")
+    _participant_options(points)
+    points.add_argument("input", type=Path, help="TSV/CSV with columns x, y, z (or i, j, k)")
+    points.add_argument("output", type=Path, help="TSV: the input columns plus the mapped ones")
+    points.add_argument(
+        "--voxels-in", type=Path, metavar="IMAGE",
+        help="the input holds voxel indices i, j, k of IMAGE instead of x, y, z",
+    )  # fmt: skip
+    points.add_argument(
+        "--voxels-out", type=Path, metavar="IMAGE",
+        help="also write the mapped points' voxel indices in IMAGE (columns i_out, j_out, k_out)",
+    )  # fmt: skip
+
+    coords = commands.add_parser("coords", help="voxel indices <-> world coordinates of an image")
+    coords.add_argument("image", type=Path)
+    coords.add_argument("input", type=Path, help="TSV/CSV with columns i, j, k (or x, y, z)")
+    coords.add_argument("output", type=Path)
+    coords.add_argument("--to", choices=("world", "voxels"), required=True)
+
+    image = commands.add_parser("image", help="warp an image into a template or onto the T1w")
+    _participant_options(image)
+    image.add_argument("input", type=Path, help="a 3D NIfTI in the --from-space")
+    image.add_argument("output", type=Path, help="the warped NIfTI")
+    image.add_argument(
+        "--res", type=int, default=1, help="TemplateFlow resolution index of the template grid"
+    )
+    image.add_argument(
+        "--interpolation", default="auto",
+        choices=("auto", "label", "nearest", "linear", "bspline", "lanczos"),
+        help="auto (default): 'label' for integer label images (no new values), else 'linear'",
+    )  # fmt: skip
+
+    rois = commands.add_parser(
+        "rois", help="volume (mm^3) of each atlas label in the participant's native space"
+    )
+    _participant_options(rois, spaces=False)
+    rois.add_argument(
+        "atlas", help="a label image in template space, or tf:<atlas>[:<desc>] (TemplateFlow dseg)"
+    )
+    rois.add_argument("output", type=Path, help="TSV: label, name, voxels, volume_mm3")
+    rois.add_argument("--labels", type=Path, help="TSV/CSV with columns index and name")
+    return parser
+
+
+def _participant_options(parser, spaces: bool = True) -> None:
+    parser.add_argument("output_dir", type=Path, help="an mninorm output folder")
+    parser.add_argument("--participant-label", "--participant_label", required=True)
+    parser.add_argument("--session-label", "--session_label")
+    parser.add_argument("--run")
+    if spaces:
+        parser.add_argument("--from-space", required=True, help="T1w or a template identifier")
+        parser.add_argument("--to-space", required=True, help="T1w or a template identifier")
+    else:
+        parser.add_argument("--template", default=DEFAULT_TEMPLATE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(0)
+    try:
+        {"points": run_points, "coords": run_coords, "image": run_image, "rois": run_rois}[
+            args.command
+        ](args)
+        return int(ExitCode.OK)
+    except MninormError as err:
+        if args.debug:
+            raise
+        log.error("%s", err)
+        return int(err.exit_code)
+
+
+# ---- subcommands ------------------------------------------------------------------------------
+
+
+def run_points(args) -> None:
+    from bids_app import mapping
+
+    template, to = _template_and_target(args.from_space, args.to_space)
+    transforms = _transforms(args, template)
+    table = read_table(args.input)
+    if args.voxels_in:
+        points = mapping.voxels_to_world(_columns(table, "ijk", args.input), args.voxels_in)
+        table["x"], table["y"], table["z"] = points.T
+    else:
+        points = _columns(table, "xyz", args.input)
+    mapped = mapping.map_points(points, transforms, to)
+    for axis, values in zip("xyz", mapped.T, strict=True):
+        table[f"{axis}_{args.to_space}"] = np.round(values, 3)
+    if args.voxels_out:
+        ijk = mapping.world_to_voxels(mapped, args.voxels_out)
+        for axis, values in zip("ijk", ijk.T, strict=True):
+            table[f"{axis}_out"] = np.round(values, 3)
+    write_table(table, args.output)
+    log.info("%d point(s) %s -> %s: %s", len(table), args.from_space, args.to_space, args.output)
+
+
+def run_coords(args) -> None:
+    from bids_app import mapping
+
+    table = read_table(args.input)
+    if args.to == "world":
+        values = mapping.voxels_to_world(_columns(table, "ijk", args.input), args.image)
+        names = "xyz"
+    else:
+        values = mapping.world_to_voxels(_columns(table, "xyz", args.input), args.image)
+        names = "ijk"
+    for axis, column in zip(names, values.T, strict=True):
+        table[axis] = np.round(column, 3)
+    write_table(table, args.output)
+
+
+def run_image(args) -> None:
+    from bids_app import derivatives, mapping
+
+    template, to = _template_and_target(args.from_space, args.to_space)
+    transforms = _transforms(args, template)
+    if to == mapping.NATIVE:
+        reference = transforms.native_t1w
+    else:
+        from bids_app.templates import fetch_template
+
+        reference = fetch_template(template, args.res).t1w_path
+    warped, used = mapping.warp_image(args.input, reference, transforms, to, args.interpolation)
+    derivatives.write_nifti(warped, args.output)
+    log.info("%s -> %s (%s interpolation): %s", args.from_space, args.to_space, used, args.output)
+
+
+def run_rois(args) -> None:
+    import pandas as pd
+
+    from bids_app import derivatives, mapping
+
+    transforms = _transforms(args, args.template)
+    atlas_path, labels_path = _atlas(args.atlas, args.template, args.labels)
+    native_labels, _ = mapping.warp_image(
+        atlas_path, transforms.native_t1w, transforms, mapping.NATIVE, "label"
+    )
+    names = _label_names(labels_path) if labels_path else {}
+    volumes = mapping.label_volumes(native_labels)
+    rows = [
+        {"label": label, "name": names.get(label, ""), "voxels": voxels,
+         "volume_mm3": round(volume, 2)}
+        for label, (voxels, volume) in sorted(volumes.items())
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["label", "name", "voxels", "volume_mm3"])
+    with derivatives.atomic_path(args.output) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    log.info("%d label(s) measured in native space: %s", len(rows), args.output)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _template_and_target(source: str, target: str) -> tuple[str, str]:
+    from bids_app.mapping import NATIVE
+
+    if (source == NATIVE) == (target == NATIVE):
+        raise UsageError(
+            f"--from-space {source} --to-space {target}: exactly one of them must be T1w "
+            "(the participant's space), the other a template"
+        )
+    return (target if source == NATIVE else source), target
+
+
+def _transforms(args, template: str):
+    from bids_app.mapping import find_transforms
+
+    return find_transforms(
+        args.output_dir, args.participant_label, template, args.session_label, args.run
+    )
+
+
+def read_table(path: Path):
+    import pandas as pd
+
+    if not path.is_file():
+        raise MissingInputError(f"{path} does not exist")
+    separator = "," if path.suffix.lower() == ".csv" else "\t"
+    table = pd.read_csv(path, sep=separator)
+    table.columns = [str(c).strip() for c in table.columns]
+    return table
+
+
+def write_table(table, path: Path) -> None:
+    from bids_app.derivatives import atomic_path
+
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+
+
+def _columns(table, names: str, path: Path) -> np.ndarray:
+    missing = [n for n in names if n not in table.columns]
+    if missing:
+        raise UsageError(
+            f"{path}: columns {', '.join(names)} are needed, {', '.join(missing)} missing "
+            f"(it has: {', '.join(table.columns)})"
+        )
+    return table[list(names)].to_numpy(dtype=float)
+
+
+def _atlas(atlas: str, template: str, labels: Path | None) -> tuple[Path, Path | None]:
+    if not atlas.startswith("tf:"):
+        return Path(atlas), labels
+    name, _, desc = atlas[3:].partition(":")
+    try:
+        from templateflow import api
+
+        query = {"atlas": name, "desc": desc or None, "resolution": 1}
+        image = api.get(template, suffix="dseg", extension=".nii.gz", **query)
+        table = api.get(template, suffix="dseg", extension=".tsv", atlas=name, desc=desc or None)
+    except Exception as err:  # a download attempt without network
+        raise MissingInputError(
+            f"TemplateFlow atlas {atlas} of {template} is unavailable here ({err})"
+        ) from err
+    if not image or isinstance(image, list):
+        raise MissingInputError(
+            f"TemplateFlow has no single dseg image for {atlas} of {template} here "
+            "(offline? pre-fetch it, or give the atlas file itself)"
+        )
+    return Path(image), labels or (Path(table) if table and not isinstance(table, list) else None)
+
+
+def _label_names(path: Path) -> dict[int, str]:
+    table = read_table(path)
+    if not {"index", "name"} <= set(table.columns):
+        raise UsageError(f"{path}: a label table needs columns index and name")
+    return {int(i): str(n) for i, n in zip(table["index"], table["name"], strict=True)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
