@@ -57,7 +57,12 @@ def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]
             sets[space.template] = TemplateSet(
                 space.template, fetch_template(space.template, 1), {}
             )
-        sets[space.template].outputs[space] = fetch_template(space.template, space.grid_resolution)
+        template_set = sets[space.template]
+        template_set.outputs[space] = (
+            template_set.registration  # res-1 is the registration grid: found already
+            if space.grid_resolution == 1
+            else fetch_template(space.template, space.grid_resolution)
+        )
     return sets
 
 
@@ -103,7 +108,15 @@ def process_t1w(
         "; ".join(header.actions) or "fine", "no (already stripped)" if stripped_input else "yes",
     )  # fmt: skip
 
-    first = templates[settings.templates[0]].registration
+    # Each template's head and brain mask, read once: brain extraction and registration share them.
+    template_images = {
+        name: (
+            ants.image_read(str(templates[name].registration.t1w_path)),
+            ants.image_read(str(templates[name].registration.mask_path)),
+        )
+        for name in settings.templates
+    }
+    first = settings.templates[0]
     linear_xfm = None
     if stripped_input:
         with timer("brain_mask"):
@@ -116,8 +129,7 @@ def process_t1w(
         with timer("brain_mask"):
             extraction = extract_brain(
                 preproc,
-                ants.image_read(str(first.t1w_path)),
-                ants.image_read(str(first.mask_path)),
+                *template_images[first],
                 engine,
                 work / "brain_",
                 settings.random_seed,
@@ -132,8 +144,7 @@ def process_t1w(
     for name in settings.templates:
         template_set = templates[name]
         with timer(f"register_{name}"):
-            fixed_head = ants.image_read(str(template_set.registration.t1w_path))
-            fixed_mask = ants.image_read(str(template_set.registration.mask_path))
+            fixed_head, fixed_mask = template_images[name]
             result = engine.register(
                 fixed_head * fixed_mask,
                 brain,
@@ -142,7 +153,7 @@ def process_t1w(
                 seed=settings.random_seed,
                 fixed_mask=ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX),
                 moving_mask=moving_mask,
-                initial_xfm=linear_xfm if name == first.name else None,
+                initial_xfm=linear_xfm if name == first else None,
             )
         with timer(f"outputs_{name}"):
             outputs += _write_template_outputs(

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bids_app.errors import UsageError
+from bids_app.errors import MissingInputError, UsageError
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
@@ -77,8 +77,6 @@ class Settings:
 
 def check_folders(bids_dir: Path, output_dir: Path, work_dir: Path | None) -> None:
     """Refuse folder layouts that would write into the (read-only) input dataset."""
-    from bids_app.errors import MissingInputError
-
     if not bids_dir.is_dir():
         raise MissingInputError(f"bids_dir {bids_dir} does not exist or is not a folder")
     bids = bids_dir.resolve()

@@ -57,7 +57,7 @@ def test_points_go_to_the_template_and_back_within_a_tenth_of_a_millimetre(run, 
         f"\nround trip T1w -> {SPACE} -> T1w: max {errors.max():.3f} mm, mean {errors.mean():.3f}"
     )
     # SyN's inverse field is a numerical inverse: a few points near strong local deformation of
-    # these coarse 3 mm images come back up to ~0.25 mm off; on 1 mm scans all are within 0.05 mm.
+    # these coarse 3 mm images come back up to ~0.25 mm off (measured: max 0.23 mm, mean 0.03 mm).
     assert np.percentile(errors, 95) < 0.1
     assert errors.max() < 0.5
     assert moved.mean() > 3  # the points did move: the round trip is not trivially exact
