@@ -13,8 +13,10 @@ from pathlib import Path
 from bids_app import __version__
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.settings import (
+    DEFAULT_ENGINE,
     DEFAULT_SEED,
     DEFAULT_SPACE,
+    ENGINES,
     PRESETS,
     SKULL_STRIP_MODES,
     Settings,
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Exit codes: 0 success; 1 a participant failed (others still ran); 16 invalid BIDS "
             "input; 17 unknown analysis level; 18 labels or filters matched nothing; 64 usage "
-            "error; 66 missing input; 69 template unavailable offline; 130 interrupted."
+            "error; 65 --group-by gave no group comparison (the other group outputs are written); "
+            "66 missing input (group level: no participant results in output_dir); 69 template "
+            "unavailable offline; 130 interrupted."
         ),
     )
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -93,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="registration settings: 'precise' (default) or 'fast' (quick looks, tests)",
     )  # fmt: skip
     method.add_argument(
+        "--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+        help="registration engine: 'greedy' (default; PICSL Greedy, diffeomorphic) or 'ants' "
+        "(ANTsPy antsRegistration, SyN; several times slower for no better accuracy on the "
+        "benchmark); both write the same transforms, Jacobians and file names",
+    )  # fmt: skip
+    method.add_argument(
         "--skull-strip", choices=SKULL_STRIP_MODES, default="auto",
         help="auto (default): skip brain extraction for images that are already skull-stripped; "
         "force: always extract; skip: never (the input is a brain image)",
@@ -117,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel when --nthreads allows more than one",
     )  # fmt: skip
 
+    group = parser.add_argument_group("group level")
+    group.add_argument(
+        "--group-by", metavar="COLUMN",
+        help="group level: compare the log-Jacobian maps voxel-wise between the groups of this "
+        "participants.tsv column (read from bids_dir): a t map for two groups, an F map for "
+        "more; participants with n/a are left out",
+    )  # fmt: skip
+
     output = parser.add_argument_group("messages")
     output.add_argument("-v", "--verbose", action="count", default=0, help="more messages")
     output.add_argument("-q", "--quiet", action="count", default=0, help="fewer messages")
@@ -137,7 +155,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError("--nthreads and --omp-nthreads must be at least 1")
     if args.random_seed < 0:
         raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
-    check_folders(args.bids_dir, args.output_dir, args.work_dir)
+    if args.analysis_level != "group" or args.bids_dir.exists():
+        # The group level reads output_dir (and participants.tsv only for --group-by): it may run
+        # where the input dataset is not.
+        check_folders(args.bids_dir, args.output_dir, args.work_dir)
     spaces = tuple(dict.fromkeys(parse_output_space(s) for s in args.output_spaces))
     omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
     return Settings(
@@ -155,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         random_seed=args.random_seed,
         skull_strip=args.skull_strip,
         preset=args.preset,
+        engine=args.engine,
         in_process=args.in_process,
     )
 
@@ -174,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         _set_thread_environment(settings.omp_nthreads)
         if settings.analysis_level == "group":
-            return run_group(settings)
+            return run_group(settings, args.group_by)
+        if args.group_by:
+            log.warning("--group-by is used only at the group level: ignored")
         if args.reports_only:
             return run_reports_only(settings)
         return run_participant_level(settings)
@@ -231,13 +255,23 @@ def run_reports_only(settings: Settings) -> int:
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
 
 
-def run_group(settings: Settings) -> int:
-    log.warning(
-        "the group level is not implemented yet in mninorm %s: nothing to do (the participant "
-        "level's outputs in %s are complete on their own)",
-        __version__,
-        settings.output_dir,
+def run_group(settings: Settings, group_by: str | None = None) -> int:
+    from bids_app.group import GroupSettings
+    from bids_app.group import run_group as run
+
+    outcome = run(
+        GroupSettings(
+            output_dir=settings.output_dir,
+            bids_dir=settings.bids_dir,  # may be absent: only --group-by needs it
+            group_by=group_by,
+            participant_labels=settings.participant_labels,
+            session_labels=settings.session_labels,
+        )
     )
+    if len(outcome.spaces_without_maps) == len(outcome.spaces):
+        return int(ExitCode.PARTICIPANT_FAILED)  # no map at all: every T1w failed or is unusable
+    if outcome.design_problems:
+        return int(ExitCode.GROUP_BY_UNUSABLE)
     return int(ExitCode.OK)
 
 

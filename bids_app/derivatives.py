@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -50,7 +51,29 @@ FIGURE_OUTPUTS = {
 REPORT = "sub-{subject}.html"
 CITATION = "logs/CITATION.md"
 RUN_RECORD = "desc-mninorm_run.json"
-BIDSIGNORE = ("*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures/", "log/", "logs/", "*.html")
+BIDSIGNORE = (
+    "*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures/", "log/", "logs/", "*.html", "group/",
+)  # fmt: skip
+
+# Group level (bids_app/group/): everything in output_dir/group/ (ignored by the validator: BIDS has
+# no group-level names), plus output_dir/group.html. {space}: "<template>[_res-N]"; {jacobian}:
+# "total" or "nonlinear"; {contrast}: the --group-by column, alphanumerics only.
+GROUP_DIR = "group"
+GROUP_REPORT = "group.html"
+GROUP_TABLES = {
+    "qc": "desc-mninorm_qc.tsv",
+    "qc_sidecar": "desc-mninorm_qc.json",
+}
+GROUP_SPACE_OUTPUTS = {
+    "t1w_mean": "space-{space}_stat-mean_T1w.nii.gz",
+    "t1w_sd": "space-{space}_stat-sd_T1w.nii.gz",
+    "brain_probseg": "space-{space}_label-brain_probseg.nii.gz",
+    "logjac_mean": "space-{space}_stat-mean_desc-{jacobian}_logjacobian.nii.gz",
+    "logjac_sd": "space-{space}_stat-sd_desc-{jacobian}_logjacobian.nii.gz",
+    "t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}_statmap.nii.gz",
+    "effect": "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}_statmap.nii.gz",
+    "F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}_statmap.nii.gz",
+}
 
 
 def source_prefix(t1w: T1wInput) -> str:
@@ -109,6 +132,50 @@ def figure_path(output_dir: Path, t1w: T1wInput, kind: str, space: OutputSpace |
 
 def report_path(output_dir: Path, subject: str) -> Path:
     return output_dir / REPORT.format(subject=subject)
+
+
+def group_dir(output_dir: Path) -> Path:
+    return output_dir / GROUP_DIR
+
+
+def group_report_path(output_dir: Path) -> Path:
+    return output_dir / GROUP_REPORT
+
+
+def group_table_path(output_dir: Path, kind: str) -> Path:
+    return group_dir(output_dir) / GROUP_TABLES[kind]
+
+
+def group_space_path(
+    output_dir: Path, kind: str, space: str, jacobian: str = "", contrast: str = ""
+) -> Path:
+    """A group map of one space (``space``: a ``space_label``)."""
+    name = GROUP_SPACE_OUTPUTS[kind].format(space=space, jacobian=jacobian, contrast=contrast)
+    return group_dir(output_dir) / name
+
+
+def _group_name_pattern(template: str) -> re.Pattern:
+    fields = {
+        "space": r"(?P<space>[A-Za-z0-9]+(?:_res-[0-9]+)?)",
+        "jacobian": r"(?:total|nonlinear)",
+        "contrast": r"(?P<contrast>[A-Za-z0-9]+)",
+    }
+    parts = re.split(r"(\{[a-z]+\})", template.removesuffix(".nii.gz"))
+    body = "".join(fields[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile(rf"^{body}\.(?:nii\.gz|json)$")
+
+
+_GROUP_PATTERNS = {kind: _group_name_pattern(t) for kind, t in GROUP_SPACE_OUTPUTS.items()}
+
+
+def parse_group_output(name: str) -> tuple[str, str, str | None] | None:
+    """(kind, space label, contrast or None) if ``name`` is one of our group maps or its sidecar,
+    else None: files of other origin in ``group/`` are never touched."""
+    for kind, pattern in _GROUP_PATTERNS.items():
+        match = pattern.match(name)
+        if match:
+            return kind, match["space"], match.groupdict().get("contrast")
+    return None
 
 
 def sidecar_path(image_path: Path) -> Path:
@@ -207,6 +274,16 @@ def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
         json.dumps(dataset_description(bids_dir, container), indent=2) + "\n",
     )
     _write_if_changed(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+
+
+def add_to_bidsignore(output_dir: Path) -> None:
+    """Add the missing ``BIDSIGNORE`` lines to ``.bidsignore``, keeping any other line in it (the
+    group level may run on outputs of an older version, or on a folder a user has annotated)."""
+    path = output_dir / ".bidsignore"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    missing = [line for line in BIDSIGNORE if line not in lines]
+    if missing:
+        write_text("\n".join([*lines, *missing]) + "\n", path)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

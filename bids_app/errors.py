@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     UNKNOWN_LEVEL = 17  # analysis level is neither participant nor group
     NOTHING_MATCHED = 18  # labels / filters selected no T1w
     USAGE = 64  # malformed command line
+    GROUP_BY_UNUSABLE = 65  # group level: --group-by gave no comparison; the rest is written
     MISSING_INPUT = 66  # bids_dir (or a file named on the command line) does not exist
     TEMPLATE_UNAVAILABLE = 69  # template not in TEMPLATEFLOW_HOME and cannot be downloaded
     INTERRUPTED = 130

@@ -85,7 +85,7 @@ def process_t1w(
     from bids_app.registration import get_engine
 
     timer = _StepTimer(record.setdefault("StepSeconds", {}))
-    engine = get_engine("ants")
+    engine = get_engine(settings.engine)
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
     work.mkdir(parents=True, exist_ok=True)
@@ -226,8 +226,12 @@ def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, 
     for space, template in template_set.outputs.items():
         grid = ants.image_read(str(template.t1w_path))
         images = {
-            "t1w": ants.apply_transforms(
-                grid, preproc, [str(result.forward_xfm)], interpolator="lanczosWindowedSinc"
+            # Cubic B-spline: ~9x faster than Lanczos on a 1 mm grid (7 s vs 64 s, one thread);
+            # its slight undershoot at the brain's edge is clipped (a T1w is never negative).
+            "t1w": _clip_negative(
+                ants.apply_transforms(
+                    grid, preproc, [str(result.forward_xfm)], interpolator="bSpline"
+                )
             ),
             "mask": ants.threshold_image(
                 ants.apply_transforms(grid, mask, [str(result.forward_xfm)], interpolator="linear"),
@@ -246,6 +250,10 @@ def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, 
             )
             written.append(path)
     return written
+
+
+def _clip_negative(image):
+    return image.new_image_like(np.maximum(image.numpy(), 0))
 
 
 _JACOBIAN_DESCRIPTIONS = {
@@ -296,9 +304,11 @@ def _templateflow_uri(template: Template) -> str:
 
 
 def _provenance(t1w, settings, header, stripped_input) -> dict:
-    from bids_app.registration.ants import get_preset
+    from bids_app.registration.base import ENGINES, get_preset
 
-    preset = get_preset(settings.preset)
+    preset = get_preset(settings.engine, settings.preset)
+    engine = ENGINES[settings.engine]
+    versions = _software_versions(settings.engine)
     return {
         "SkullStripped": bool(stripped_input),
         "Sources": [drv.bids_uri(t1w.relpath)],
@@ -310,22 +320,27 @@ def _provenance(t1w, settings, header, stripped_input) -> dict:
             else "template brain mask brought back by a head-to-template registration"
         ),
         "Registration": {
-            "Engine": "ANTsPy antsRegistration",
+            "Engine": engine.label,
+            "EngineVersion": versions[engine.package],
             "Preset": preset.name,
             "Stages": preset.description,
             "TemplateGridMM": preset.grid_mm,
             "RandomSeed": settings.random_seed,
             "Threads": settings.omp_nthreads,
         },
-        "Software": _software_versions(),
+        "Software": versions,
     }
 
 
-def _software_versions() -> dict:
+def _software_versions(engine: str = "ants") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
+    from bids_app.registration.base import ENGINES
+
     versions = {}
-    for package in ("mninorm", "antspyx", "nibabel", "numpy", "pybids", "templateflow"):
+    packages = ("mninorm", "antspyx", ENGINES[engine].package, "nibabel", "numpy", "pybids",
+                "templateflow")  # fmt: skip
+    for package in dict.fromkeys(packages):  # antspyx once when it is also the engine
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -400,10 +415,11 @@ def _write_run_record(settings: Settings, t1w: T1wInput, outcome: T1wOutcome, re
         TotalSeconds=round(outcome.seconds, 1),
         OutputSpaces=[str(space) for space in settings.output_spaces],
         Preset=settings.preset,
+        Engine=settings.engine,
         RandomSeed=settings.random_seed,
         Threads=settings.omp_nthreads,
         Outputs=[drv.derivative_uri(out, path) for path in outcome.outputs],
-        Software=_software_versions(),
+        Software=_software_versions(settings.engine),
     )
     try:
         drv.write_json(record, drv.run_record_path(out, t1w))

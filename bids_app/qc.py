@@ -62,12 +62,13 @@ _INF = math.inf
 
 # Thresholds (README, "Quality control"). Measured: correct normalisations of real 1 mm scans have
 # ncc 0.76-0.83, dice 0.98-0.99, logjac_iqr 0.29-0.36 (0.22 on the 3 mm test data) and no folding;
-# the same registration without its SyN stage has ncc 0.55; a front-back flipped header 0.45.
+# the same registration without its SyN stage has ncc 0.55; a front-back flipped header 0.45 with
+# ANTs, 0.61 with Greedy (its warp bends the mirror image further), hence fail below 0.65.
 RULES: tuple[Rule, ...] = (
     Rule(
         "ncc",
         (0.70, _INF),
-        (0.60, _INF),
+        (0.65, _INF),
         "the normalised T1w does not look like the template inside the template's brain",
     ),
     Rule(
@@ -92,7 +93,8 @@ RULES: tuple[Rule, ...] = (
         "affine_volume_ratio",
         (0.6, 1.6),
         (0.4, 2.5),
-        "the affine part scales the brain implausibly (wrong voxel sizes in the header?)",
+        "the affine part scales or mirrors the brain implausibly (wrong voxel sizes or a "
+        "flipped axis in the header?)",
     ),
     Rule(
         "brain_volume_ml",
@@ -126,8 +128,8 @@ COLUMNS: dict[str, str] = {
     "logjac_median": "median of the nonlinear log-Jacobian map inside the template's brain",
     "logjac_iqr": "interquartile range (robust spread) of the nonlinear log-Jacobian map inside "
     "the template's brain",
-    "affine_volume_ratio": "|det| of the affine part: the participant's global volume over the "
-    "template's",
+    "affine_volume_ratio": "det of the affine part: the participant's global volume over the "
+    "template's; negative when the affine mirrors the brain (a flipped header axis)",
     "brain_volume_ml": "volume of the native brain mask, in millilitres",
     "source_orientation": "voxel axis orientation of the input before it was reoriented to RAS",
     "header_fixes": "what the header check changed ('; '-separated), n/a if nothing",
@@ -276,7 +278,9 @@ def jacobian_summary(forward_xfm: Path, template_mask_img) -> dict:
     from bids_app.transforms import read_composite
 
     composite = read_composite(forward_xfm)
-    summary = {"affine_volume_ratio": float(abs(np.linalg.det(composite.linear[:3, :3])))}
+    # Signed: a 12-parameter affine can mirror a brain whose header flips an axis, and then fit
+    # it well (Greedy did, on the flipped-header QC case); a negative ratio fails the rule.
+    summary = {"affine_volume_ratio": float(np.linalg.det(composite.linear[:3, :3]))}
     if not composite.fields:  # an affine-only transform: no local volume change at all
         return {**summary, "jacobian_min": 1.0, "jacobian_max": 1.0, "folding_fraction": 0.0}
     if len(composite.fields) != 1:

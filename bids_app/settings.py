@@ -11,6 +11,10 @@ from bids_app.errors import MissingInputError, UsageError
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
 PRESETS = ("precise", "fast")
+ENGINES = ("ants", "greedy")  # registration engines (bids_app.registration.get_engine)
+# Greedy: on the benchmark (README) as accurate as ANTs' antsRegistrationSyN[s] or better, in a
+# fraction of its time; ANTs stays one option away.
+DEFAULT_ENGINE = "greedy"
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 
 _SPACE_RE = re.compile(r"^(?P<template>[A-Za-z][A-Za-z0-9]*)(?::res-(?P<res>[0-9]+))?$")
@@ -63,6 +67,7 @@ class Settings:
     random_seed: int = DEFAULT_SEED
     skull_strip: str = "auto"
     preset: str = "precise"
+    engine: str = DEFAULT_ENGINE  # one of ENGINES
     in_process: bool = False  # run participants in this process (tests, debugging)
 
     @property

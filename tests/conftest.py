@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from browser import browser  # noqa: F401 - one session-wide browser for every module (by name)
 from scipy import ndimage
 
 TEST_TEMPLATE = "MNI152NLin2009aSym"  # what nilearn's brain really is

@@ -81,16 +81,17 @@ _GOOD = {
     ("change", "status", "culprit"),
     [
         ({}, "pass", None),
-        ({"ncc": 0.62}, "warn", "ncc"),
+        ({"ncc": 0.67}, "warn", "ncc"),
         ({"ncc": 0.3}, "fail", "ncc"),
         ({"dice": 0.9}, "warn", "dice"),
         ({"dice": 0.5}, "fail", "dice"),
         ({"folding_fraction": 0.001}, "warn", "folding_fraction"),
         ({"folding_fraction": 0.05}, "fail", "folding_fraction"),
         ({"affine_volume_ratio": 3.4}, "fail", "affine_volume_ratio"),  # 1.5 mm labelled 1 mm
+        ({"affine_volume_ratio": -1.0}, "fail", "affine_volume_ratio"),  # a mirrored brain
         ({"brain_volume_ml": 4200.0}, "fail", "brain_volume_ml"),  # the whole head as "brain"
         ({"ncc": math.nan}, "pass", None),  # not measured: n/a, not graded
-        ({"ncc": 0.62, "dice": 0.5}, "fail", "dice"),  # the worst verdict wins
+        ({"ncc": 0.67, "dice": 0.5}, "fail", "dice"),  # the worst verdict wins
     ],
 )
 def test_grade_by_documented_thresholds(change, status, culprit):

@@ -1,6 +1,14 @@
-"""Real ANTs registrations recover known geometry (3 mm images, the 'fast' preset)."""
+"""Real registrations recover known geometry (3 mm images, the 'fast' preset), for every engine.
+
+Both engines must write the same thing: ITK composite .h5 files that ANTs reads, in which the
+forward transform maps template points to participant points. The ground truth below is built
+with ``conftest.warp_image``, independently of either engine.
+"""
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,7 +26,10 @@ from conftest import (
 from bids_app.images import load_t1w, nifti_to_ants
 from bids_app.jacobian import log_jacobians
 from bids_app.registration import get_engine
+from bids_app.registration.greedy import GreedyEngine, to_sitk
 from bids_app.transforms import read_composite
+
+ENGINES = ["ants", "greedy"]
 
 
 def _ants_map_points(points_ras: np.ndarray, transform_path) -> np.ndarray:
@@ -29,12 +40,17 @@ def _ants_map_points(points_ras: np.ndarray, transform_path) -> np.ndarray:
     return ants.apply_transforms_to_points(3, lps, [str(transform_path)]).to_numpy() * [-1, -1, 1]
 
 
-def _register(template_brain, participant: nib.Nifti1Image, tmp_path, seed=7):
+def _engine(name: str):
+    # Greedy also keeps its own warps, so that tests can compare them with the .h5 files.
+    return GreedyEngine(keep_greedy_files=True) if name == "greedy" else get_engine(name)
+
+
+def _register(engine, template_brain, participant: nib.Nifti1Image, tmp_path, seed=7):
     import ants
 
     fixed = nifti_to_ants(template_brain)
     moving_nifti, _ = load_t1w(_save(participant, tmp_path / "participant.nii.gz"))
-    return get_engine("ants").register(
+    return _engine(engine).register(
         fixed,
         nifti_to_ants(moving_nifti),
         preset="fast",
@@ -59,38 +75,118 @@ def _brain_points(img: nib.Nifti1Image, count=400, seed=3) -> np.ndarray:
     return nib.affines.apply_affine(img.affine, ijk[chosen])
 
 
-def test_known_affine_and_warp_on_an_lia_anisotropic_grid_are_recovered(template_brain, tmp_path):
+# ---- a known affine and a smooth warp, on an LIA-stored anisotropic grid ------------------------
+
+
+def _to_template(points):
+    """The ground truth: participant world -> template world (warp, then affine)."""
     affine = known_affine()
+    moved = points + smooth_warp(points)
+    return moved @ affine[:3, :3].T + affine[:3, 3]
 
-    def to_template(points):  # participant world -> template world: warp, then affine
-        moved = points + smooth_warp(points)
-        return moved @ affine[:3, :3].T + affine[:3, 3]
 
+@pytest.fixture(scope="module", params=ENGINES)
+def lia_case(request, template_brain, tmp_path_factory):
+    """One registration per engine of a participant with a known warp, shared by the tests."""
     grid, shape = isotropic_grid(template_brain, 1.0, pad_mm=15)
     zooms = np.array([2.6, 3.4, 3.0])
     grid = grid @ np.diag([*zooms, 1.0])
     shape = tuple(int(np.ceil(s / z)) for s, z in zip(shape, zooms, strict=True))
-    participant = reorient(warp_image(template_brain, to_template, grid, shape), "LIA")
+    participant = reorient(warp_image(template_brain, _to_template, grid, shape), "LIA")
+    folder = tmp_path_factory.mktemp(f"lia_{request.param}")
+    result = _register(request.param, template_brain, participant, folder)
+    return {"engine": request.param, "participant": participant, "result": result, "dir": folder}
 
-    result = _register(template_brain, participant, tmp_path)
 
+def test_known_affine_and_warp_on_an_lia_anisotropic_grid_are_recovered(lia_case):
+    participant, result = lia_case["participant"], lia_case["result"]
     landmarks = _brain_points(participant)
-    recovered = _ants_map_points(to_template(landmarks), result.forward_xfm)
+    recovered = _ants_map_points(_to_template(landmarks), result.forward_xfm)
     errors = np.linalg.norm(recovered - landmarks, axis=1)
     print(
-        f"\nlandmark error (mm), known affine + warp, LIA 2.6x3.4x3 mm: mean {errors.mean():.2f}, "
-        f"p95 {np.percentile(errors, 95):.2f}, max {errors.max():.2f}"
+        f"\n{lia_case['engine']}: landmark error (mm), known affine + warp, LIA 2.6x3.4x3 mm: "
+        f"mean {errors.mean():.2f}, p95 {np.percentile(errors, 95):.2f}, max {errors.max():.2f}"
     )
     assert errors.mean() < 1.5
     assert np.percentile(errors, 95) < 3.0
     # Without registration the same points are this far off: the test can fail.
-    assert np.linalg.norm(to_template(landmarks) - landmarks, axis=1).mean() > 5.0
+    assert np.linalg.norm(_to_template(landmarks) - landmarks, axis=1).mean() > 5.0
     # Our reader of the .h5 agrees with ANTs' own mapping.
-    ours = read_composite(result.forward_xfm).map_points(to_template(landmarks))
+    ours = read_composite(result.forward_xfm).map_points(_to_template(landmarks))
     np.testing.assert_allclose(ours, recovered, atol=0.02)
 
 
-def test_uniformly_scaled_template_gives_total_log_jacobian_three_log_s(template_brain, tmp_path):
+def test_inverse_transform_maps_participant_points_to_the_template_and_back(lia_case):
+    participant, result = lia_case["participant"], lia_case["result"]
+    landmarks = _brain_points(participant)
+    to_template = _ants_map_points(landmarks, result.inverse_xfm)
+    errors = np.linalg.norm(to_template - _to_template(landmarks), axis=1)
+    round_trip = np.linalg.norm(
+        _ants_map_points(to_template, result.forward_xfm) - landmarks, axis=1
+    )
+    print(
+        f"\n{lia_case['engine']}: inverse landmark error mean {errors.mean():.2f} mm; "
+        f"round trip mean {round_trip.mean():.3f}, max {round_trip.max():.3f} mm"
+    )
+    assert errors.mean() < 1.5
+    assert round_trip.mean() < 0.1
+    assert round_trip.max() < 0.5
+
+
+@pytest.mark.parametrize("lia_case", ["greedy"], indirect=True)
+def test_greedy_h5_resamples_as_greedy_itself_does(lia_case, template_brain):
+    """ants.apply_transforms with our .h5 == Greedy's own reslicing with its own warp + matrix."""
+    import ants
+    from picsl_greedy import Greedy3D
+
+    folder = lia_case["dir"]
+    fixed = nifti_to_ants(template_brain)
+    moving = ants.image_read(str(folder / "participant.nii.gz"))
+    ours = ants.apply_transforms(fixed, moving, [str(lia_case["result"].forward_xfm)]).numpy()
+    greedy = Greedy3D()
+    greedy.execute(
+        f"-d 3 -rf fixed -rm moving resliced -r {folder}/reg_greedy_warp.nii.gz "
+        f"{folder}/reg_greedy_affine.mat",
+        out=io.StringIO(), fixed=to_sitk(fixed), moving=to_sitk(moving), resliced=None,
+    )  # fmt: skip
+    theirs = _sitk_array(greedy["resliced"])
+    inside = theirs > 0.05 * theirs.max()
+    assert inside.mean() > 0.1
+    assert np.corrcoef(ours[inside], theirs[inside])[0, 1] > 0.999
+    assert np.abs(ours - theirs).max() < 1e-3 * theirs.max()
+
+
+def _sitk_array(image) -> np.ndarray:
+    """SimpleITK's (k, j, i[, component]) array indexed (i, j, k[, component]), as ANTs does."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    return array.transpose(2, 1, 0, *range(3, array.ndim))
+
+
+@pytest.mark.parametrize("lia_case", ["greedy"], indirect=True)
+def test_greedy_warps_are_lps_vectors_composed_after_its_ras_matrix(lia_case):
+    """Our .h5 holds Greedy's own parts: its .mat as the RAS matrix, its warp's LPS vectors
+    flipped to RAS (the resampling test above shows that this reading of them is Greedy's)."""
+    import SimpleITK as sitk
+
+    folder = lia_case["dir"]
+    matrix = np.loadtxt(folder / "reg_greedy_affine.mat")
+    warp = _sitk_array(sitk.ReadImage(str(folder / "reg_greedy_warp.nii.gz")))
+    transform = read_composite(lia_case["result"].forward_xfm)
+    assert len(transform.parts) == 2
+    np.testing.assert_allclose(transform.parts[0], matrix, atol=1e-4)
+    np.testing.assert_allclose(transform.parts[1].vectors, warp * [-1, -1, 1], atol=1e-4)
+    assert np.abs(warp).max() > 1.0  # the warp is not trivial: the test can fail
+
+
+# ---- uniform scaling: a known Jacobian ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_uniformly_scaled_template_gives_total_log_jacobian_three_log_s(
+    engine, template_brain, tmp_path
+):
     from scipy import ndimage
 
     s = 1.12
@@ -100,16 +196,86 @@ def test_uniformly_scaled_template_gives_total_log_jacobian_three_log_s(template
     grid, shape = isotropic_grid(template_brain, 3.0, pad_mm=20)
     participant = warp_image(template_brain, lambda p: centre + (p - centre) / s, grid, shape)
 
-    result = _register(template_brain, participant, tmp_path)
+    result = _register(engine, template_brain, participant, tmp_path)
     nonlinear, total, field_affine = log_jacobians(read_composite(result.forward_xfm))
 
     mask = brain_mask_of(template_brain)
     inside = ndimage.binary_erosion(np.asarray(mask.dataobj) > 0, iterations=2)
     assert np.allclose(field_affine, template_brain.affine, atol=1e-3)  # maps on the template grid
     print(
-        f"\nscaling s={s}: median total log-J {np.median(total[inside]):.4f} "
+        f"\n{engine}: scaling s={s}: median total log-J {np.median(total[inside]):.4f} "
         f"(3 ln s = {3 * np.log(s):.4f}), median nonlinear {np.median(nonlinear[inside]):.4f}"
     )
     assert np.median(total[inside]) == pytest.approx(3 * np.log(s), abs=0.03)
     assert abs(np.median(nonlinear[inside])) < 0.03
     assert abs(float(nonlinear[inside].mean())) < 0.05
+
+
+# ---- linear registration of an LAS-stored head, and the initial transform -----------------------
+
+
+def test_greedy_linear_result_is_honoured_as_the_initial_transform(template_brain, tmp_path):
+    """head-linear recovers a known affine of an LAS-stored image (RAS/LPS conventions of the
+    matrices); head-syn, which has no linear stage, starts from it and keeps it exactly."""
+    affine = known_affine(rot_deg=(10.0, -5.0, 7.0), shift=(6.0, -8.0, 5.0))
+    to_template = lambda p: p @ affine[:3, :3].T + affine[:3, 3]  # noqa: E731
+    grid, shape = isotropic_grid(template_brain, 3.0, pad_mm=15)
+    participant = reorient(warp_image(template_brain, to_template, grid, shape), "LAS")
+    moving_nifti, _ = load_t1w(_save(participant, tmp_path / "participant.nii.gz"))
+    fixed, moving = nifti_to_ants(template_brain), nifti_to_ants(moving_nifti)
+    engine = _engine("greedy")
+
+    linear = engine.register(
+        fixed, moving, preset="head-linear", out_prefix=tmp_path / "lin_", seed=7
+    )
+    linear_part = read_composite(linear.forward_xfm)
+    assert not linear_part.fields
+    landmarks = _brain_points(participant)
+    errors = np.linalg.norm(
+        _ants_map_points(to_template(landmarks), linear.forward_xfm) - landmarks, axis=1
+    )
+    assert errors.mean() < 1.0
+    # The inverse is the inverse matrix.
+    np.testing.assert_allclose(
+        read_composite(linear.inverse_xfm).linear @ linear_part.linear, np.eye(4), atol=1e-4
+    )
+
+    warped = engine.register(
+        fixed, moving, preset="head-syn", out_prefix=tmp_path / "syn_", seed=7,
+        initial_xfm=linear.forward_xfm,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        read_composite(warped.forward_xfm).linear, linear_part.linear, atol=1e-5
+    )
+    errors = np.linalg.norm(
+        _ants_map_points(to_template(landmarks), warped.forward_xfm) - landmarks, axis=1
+    )
+    assert errors.mean() < 1.0
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lia_case", ["greedy"], indirect=True)
+def test_greedy_refuses_a_deformable_initial_transform_naming_the_file(lia_case, template_brain):
+    from bids_app.errors import RegistrationError
+
+    fixed = nifti_to_ants(template_brain)
+    with pytest.raises(RegistrationError, match="holds a displacement field") as err:
+        _engine("greedy").register(
+            fixed, fixed, preset="fast", out_prefix=lia_case["dir"] / "again_", seed=7,
+            initial_xfm=lia_case["result"].forward_xfm,
+        )  # fmt: skip
+    assert str(lia_case["result"].forward_xfm) in str(err.value)
+
+
+def test_greedy_engine_without_picsl_greedy_says_how_to_install_it(monkeypatch, template_brain):
+    import sys
+
+    from bids_app.errors import RegistrationError
+
+    monkeypatch.setitem(sys.modules, "picsl_greedy", None)  # import fails as if not installed
+    fixed = nifti_to_ants(template_brain)
+    with pytest.raises(RegistrationError, match=r"pip install \"picsl-greedy>=1.4\"") as err:
+        get_engine("greedy").register(fixed, fixed, preset="fast", out_prefix=Path("x_"), seed=1)
+    assert "--engine ants" in str(err.value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from browser import browser, open_report  # noqa: F401 - the fixture is used by name
+from browser import open_report
 from conftest import TEST_TEMPLATE, save_t1w, write_dataset_description
 from PIL import Image
 from qc_cases import write_synthetic_outputs
@@ -219,7 +219,7 @@ def test_a_front_back_flipped_header_gets_a_worse_status_than_the_good_run(datas
 # ---- in a real browser -----------------------------------------------------------------------
 
 
-def test_report_loads_offline_with_no_errors_and_every_figure_shown(browser, run):  # noqa: F811
+def test_report_loads_offline_with_no_errors_and_every_figure_shown(browser, run):
     page, log = open_report(browser, run["out"] / "sub-01.html")
     try:
         images = page.eval_on_selector_all(
@@ -238,7 +238,7 @@ def test_report_loads_offline_with_no_errors_and_every_figure_shown(browser, run
         page.context.close()
 
 
-def test_before_after_toggle_changes_what_is_displayed(browser, run):  # noqa: F811
+def test_before_after_toggle_changes_what_is_displayed(browser, run):
     page, log = open_report(browser, run["out"] / "sub-02.html")
     try:
         figure = page.locator("figure.flicker").first
@@ -265,7 +265,7 @@ def test_before_after_toggle_changes_what_is_displayed(browser, run):  # noqa: F
         page.context.close()
 
 
-def test_report_screenshot(browser, run, tmp_path):  # noqa: F811
+def test_report_screenshot(browser, run, tmp_path):
     page, _ = open_report(browser, run["out"] / "sub-02.html", width=1300, height=900)
     try:
         path = tmp_path / "sub-02.png"
@@ -332,7 +332,7 @@ def test_real_scan_passes_and_its_affine_only_registration_does_not(heads_sub02,
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_real_scan_report_in_a_browser(heads_sub02, browser, tmp_path):  # noqa: F811
+def test_real_scan_report_in_a_browser(heads_sub02, browser, tmp_path):
     out, _ = heads_sub02
     page, log = open_report(browser, out / "sub-02.html")
     try:

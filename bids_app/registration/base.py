@@ -17,6 +17,18 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class EngineInfo:
+    label: str  # how sidecars name the engine
+    package: str  # the Python distribution whose version the sidecars record
+
+
+ENGINES: dict[str, EngineInfo] = {
+    "ants": EngineInfo("ANTsPy antsRegistration", "antspyx"),
+    "greedy": EngineInfo("Greedy (picsl-greedy)", "picsl-greedy"),
+}
+
+
+@dataclass(frozen=True)
 class RegistrationResult:
     forward_xfm: Path
     inverse_xfm: Path
@@ -47,4 +59,21 @@ def get_engine(name: str = "ants") -> RegistrationEngine:
         from bids_app.registration.ants import AntsEngine
 
         return AntsEngine()
-    raise ValueError(f"unknown registration engine {name!r}")
+    if name == "greedy":
+        from bids_app.registration.greedy import GreedyEngine
+
+        return GreedyEngine()
+    raise ValueError(f"unknown registration engine {name!r}; choose one of {', '.join(ENGINES)}")
+
+
+def get_preset(engine: str, name: str):
+    """An engine's named preset (``name``, ``grid_mm``, ``description``, and its stages)."""
+    if engine == "ants":
+        from bids_app.registration.ants import get_preset as ants_preset
+
+        return ants_preset(name)
+    if engine == "greedy":
+        from bids_app.registration.greedy import get_preset as greedy_preset
+
+        return greedy_preset(name)
+    raise ValueError(f"unknown registration engine {engine!r}; choose one of {', '.join(ENGINES)}")

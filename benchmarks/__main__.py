@@ -1,0 +1,115 @@
+"""``python -m benchmarks {run,report,list}``: the benchmark's command line (see README, Benchmark).
+
+python -m benchmarks run --quick --out bench_results/      # < 15 min on 2 cores
+python -m benchmarks run --out bench_results/               # the full run (hours)
+python -m benchmarks run --cases ds01-2mm --settings greedy,mninorm-fast --force
+python -m benchmarks report --out bench_results/            # rebuild results.md from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.settings import THREAD_VARIABLES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run cases x settings (resumable), then write the report")
+    run.add_argument("--out", type=Path, default=Path("bench_results"), help="results folder")
+    run.add_argument(
+        "--quick", action="store_true",
+        help="the quick subset (one synthetic 2 mm case, the fast settings)",
+    )  # fmt: skip
+    run.add_argument("--cases", type=_names, help="comma-separated case names (see `list`)")
+    run.add_argument("--settings", type=_names, help="comma-separated setting names")
+    run.add_argument("--force", action="store_true", help="re-run rows already in the CSV")
+    run.add_argument("--threads", type=int, default=2, help="threads of every setting (2)")
+    run.add_argument("--seed", type=int, default=None, help="random seed of every setting")
+    run.add_argument(
+        "--timeout-scale", type=float, default=1.0,
+        help="multiply every setting's time limit (slow or busy machines)",
+    )  # fmt: skip
+    run.add_argument("-v", "--verbose", action="store_true")
+    rebuild = commands.add_parser("report", help="rebuild results.md from results.csv")
+    rebuild.add_argument("--out", type=Path, default=Path("bench_results"))
+    commands.add_parser("list", help="the cases and settings, with their groups and estimates")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+    )  # fmt: skip
+    if args.command == "list":
+        return list_all()
+    if args.command == "report":
+        from benchmarks.report import read_rows
+        from benchmarks.runner import write_report
+
+        print(write_report(args.out, read_rows(args.out)))
+        return 0
+    return run(args, argv if argv is not None else sys.argv[1:])
+
+
+def run(args, argv: list[str]) -> int:
+    # Scoring reads transforms with ANTs in this process: threads settled before `import ants`.
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(args.threads)
+    from benchmarks.cases import select_cases
+    from benchmarks.runner import DEFAULT_SEED, run_benchmark, write_report
+    from benchmarks.settings import select_settings
+
+    group = "quick" if args.quick else "full"
+    try:
+        cases = select_cases(group, args.cases)
+        settings = select_settings(group, args.settings)
+    except ValueError as err:
+        logging.getLogger(__name__).error("%s", err)
+        return 2
+    started = time.time()
+    rows = run_benchmark(
+        cases, settings, args.out, force=args.force, threads=args.threads,
+        seed=DEFAULT_SEED if args.seed is None else args.seed, timeout_scale=args.timeout_scale,
+        argv=["python", "-m", "benchmarks", *argv],
+    )  # fmt: skip
+    path = write_report(args.out, rows)
+    print(path.read_text())
+    logging.getLogger(__name__).info("%s (%.0f s)", path, time.time() - started)
+    wanted = {(c.name, s.name) for c in cases for s in settings}
+    bad = [r for r in rows.values() if r.key in wanted and r.status in ("failed", "timeout")]
+    return 1 if bad else 0
+
+
+def list_all() -> int:
+    from benchmarks.cases import CASES
+    from benchmarks.settings import SETTINGS
+
+    print("cases (name, kind, source, grid, groups):")
+    for case in CASES.values():
+        print(f"  {case.name:14s} {case.kind:10s} {case.source:32s} {case.grid_mm:g} mm  "
+              f"{','.join(case.groups)}")  # fmt: skip
+    print("settings (name, groups, ~wall on a 2 mm case with 2 threads, what):")
+    for s in SETTINGS.values():
+        print(f"  {s.name:24s} {','.join(s.groups):11s} {s.estimate_2mm:7s} {s.what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The group level from top to bottom: collect -> cohort -> design -> maps -> table -> report.
+
+It reads only what the participant level wrote in ``output_dir`` (and, for ``--group-by``, the
+input dataset's ``participants.tsv``), so it can run long after, elsewhere, and as often as
+participants are added: every run recomputes everything from the files there now. Outputs are
+written atomically; our group outputs that this run did not rewrite (a space no participant has
+any more, maps that can no longer be made) are removed, files of any other origin never are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bids_app import derivatives as drv
+from bids_app.errors import MninormError
+from bids_app.group.cohort import build_cohort, write_table
+from bids_app.group.collect import collect
+from bids_app.group.design import Design, build_design, read_participants
+from bids_app.group.maps import write_space_maps
+from bids_app.group.report import SpaceSection, write_group_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    output_dir: Path
+    bids_dir: Path | None = None  # only for participants.tsv; may be absent
+    group_by: str | None = None  # a participants.tsv column
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    table: Path
+    report: Path
+    written: tuple[Path, ...]  # the maps
+    removed: tuple[Path, ...]  # stale group outputs of ours
+    spaces: tuple[str, ...]  # every space found, '<template>[:res-N]'
+    spaces_without_maps: tuple[str, ...]
+    design_problems: tuple[str, ...]  # why --group-by gave no comparison (per space)
+
+
+def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -> GroupOutcome:
+    from bids_app.report import _cached
+
+    if fetch_template is None:
+        from bids_app.templates import fetch_template
+    output_dir = Path(settings.output_dir)
+    collection = collect(
+        output_dir,
+        _cached(fetch_template),
+        settings.participant_labels,
+        settings.session_labels,
+    )
+    cohorts = [build_cohort(space) for space in collection.spaces]
+    column = settings.group_by
+    table = read_participants(settings.bids_dir, column) if column else None
+    try:
+        return _write_outputs(output_dir, collection, cohorts, column, table)
+    except OSError as err:  # disk full, permissions: the previous outputs are still whole
+        raise MninormError(
+            f"could not write the group outputs in {output_dir} ({err}); make room or fix the "
+            "permissions, then run the group level again (outputs already there are unchanged or "
+            "complete: every file is written whole or not at all)"
+        ) from err
+
+
+def _write_outputs(output_dir, collection, cohorts, column, table) -> GroupOutcome:
+    sections, written, messages, problems, empty = [], [], [], [], []
+    for cohort in cohorts:
+        design = build_design(column, table, cohort.subjects) if column else None
+        if design is not None and not design.usable:
+            problems.append(f"{cohort.space.space}: {design.problem}")
+        maps = write_space_maps(output_dir, cohort, design)
+        if not maps.written:
+            empty.append(str(cohort.space.space))
+            messages.append(
+                f"{cohort.space.space}: no group maps, no T1w is usable "
+                f"({len(cohort.rows)} found; see the table for why)"
+            )
+        written += maps.written
+        sections.append(SpaceSection(cohort, maps, design))
+    for message in messages:
+        log.error("%s", message)
+    for problem in dict.fromkeys(problems):
+        log.error("%s", problem)
+    values, table_column = _group_values(table, column, collection.subjects)
+    sections = [replace(section, group_values=values) for section in sections]
+    table_path = write_table(output_dir, cohorts, values, table_column)
+    report = write_group_report(output_dir, sections, [*messages, *dict.fromkeys(problems)])
+    removed = remove_stale_outputs(output_dir, sections, set(written), column and _contrast(column))
+    drv.add_to_bidsignore(output_dir)
+    included = sum(len(c.included) for c in cohorts)
+    log.info(
+        "group level: %d participant(s), %d T1w x space row(s), %d in the maps; %s; %s",
+        len(collection.subjects), sum(len(c.rows) for c in cohorts), included, table_path, report,
+    )  # fmt: skip
+    return GroupOutcome(
+        table_path, report, tuple(written), tuple(removed),
+        tuple(str(c.space.space) for c in cohorts), tuple(empty), tuple(dict.fromkeys(problems)),
+    )  # fmt: skip
+
+
+def _group_values(table, column: str | None, subjects) -> tuple[dict, str | None]:
+    """subject -> the --group-by value, for the table (when participants.tsv has the column)."""
+    if table is None or table.problem or column not in table.columns:
+        return {}, None
+    values = {}
+    for subject in subjects:
+        value = (table.values.get(subject) or {}).get(column)
+        values[subject] = None if value in (None, "", "n/a") else value
+    return values, column
+
+
+def _contrast(column: str) -> str:
+    return Design(column).contrast
+
+
+def remove_stale_outputs(
+    output_dir: Path, sections: list[SpaceSection], written: set[Path], contrast: str | None
+) -> list[Path]:
+    """Remove our maps (and sidecars) that this run did not rewrite, except the statistics of
+    other --group-by columns in spaces that still exist (another question; their sidecars say
+    who was in them)."""
+    folder = drv.group_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    spaces = {section.space.label for section in sections}
+    removed = []
+    for path in sorted(folder.iterdir()):
+        parsed = drv.parse_group_output(path.name)
+        if parsed is None or not path.is_file():
+            continue  # not ours
+        _, space, file_contrast = parsed
+        image = path if path.name.endswith(".nii.gz") else path.with_name(
+            path.name.removesuffix(".json") + ".nii.gz"
+        )  # fmt: skip
+        if image in written:
+            continue
+        other_question = file_contrast is not None and file_contrast != contrast
+        if space in spaces and other_question:
+            continue
+        path.unlink()
+        removed.append(path)
+        log.info("removed the stale group output %s", path.relative_to(output_dir))
+    return removed

@@ -1,0 +1,368 @@
+"""The Greedy engine (PICSL Greedy, PyPI ``picsl-greedy``): affine, then diffeomorphic registration
+(Greedy's stationary velocity mode) with a local NCC metric, run in-process on in-memory images.
+
+Its outputs are converted to what ``antsRegistration`` writes (see ``base``): ITK composite .h5
+files of [affine, displacement field] (forward) and [inverse field, inverse affine] (inverse).
+Greedy's conventions, checked by tests/test_registration.py:
+
+* its affine matrices map *fixed* (template) points to *moving* (participant) points, in RAS
+  (ITK works in LPS): the matrix is the same RAS 4x4 that ``transforms.read_composite`` returns;
+* its warps are ITK vector images on the fixed grid, displacements in LPS mm; ``-r warp affine``
+  maps a fixed point x to A(x + u(x)), the order of an ANTs [affine, field] composite;
+* ``-oinv`` writes the inverse of the warp alone (not of the affine);
+* ``-wp 0``: warps are kept at full precision (by default Greedy rounds them to 0.1 voxel).
+
+The Python bindings cannot take vector images or (in 1.4.0.3) affine matrices as inputs, so
+affine matrices go through a small text file (Greedy's own .mat format) in the work folder.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bids_app.errors import RegistrationError
+from bids_app.registration.ants import as_pixeltype, to_grid
+from bids_app.registration.base import RegistrationResult
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "picsl-greedy"
+
+
+@dataclass(frozen=True)
+class AffineStage:
+    metric: str  # "NMI", "MI", "SSD" or "NCC RxRxR"
+    iterations: tuple[int, ...]  # per level, coarsest first (one level halves the resolution)
+    dof: int = 12  # 6 rigid, 7 similarity, 12 affine
+    # Where to start without an initial transform: "image-centers" (-ia-image-centers) or
+    # "moments" (centres of mass matched, Greedy's -moments 1, as the ANTs engine starts)
+    initialisation: str = "image-centers"
+
+    def arguments(self) -> list[str]:
+        levels = _levels(self.iterations)
+        return ["-a", "-dof", str(self.dof), "-m", *self.metric.split(), "-n", levels]
+
+
+@dataclass(frozen=True)
+class DeformableStage:
+    ncc_radius: int  # voxels, in each direction
+    iterations: tuple[int, ...]
+    # -s: smoothing of the update (gradient) field, then of the whole warp (Greedy's defaults)
+    smoothing: tuple[str, str] = ("1.732vox", "0.7071vox")
+    step: float = 1.0  # -e, the greedy step size
+    # -sv: the warp is the exponential of a stationary velocity field. Measured on a 1 mm whole
+    # head (sub-02): the inverse comes cheaper (77 s instead of 108 s in all), the round trip is
+    # tighter (0.03 instead of 0.05 mm mean) and the Jacobians less extreme than plain greedy.
+    stationary_velocity: bool = True
+
+    def arguments(self) -> list[str]:
+        r = self.ncc_radius
+        return [
+            "-m", "NCC", f"{r}x{r}x{r}",
+            "-n", _levels(self.iterations),
+            "-s", *self.smoothing,
+            "-e", f"{self.step:g}",
+            *(["-sv"] if self.stationary_velocity else []),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    grid_mm: float  # the template is resampled to this grid first: the warp lives on it
+    affine: AffineStage | None
+    deformable: DeformableStage | None
+    description: str
+
+
+def _levels(iterations: tuple[int, ...]) -> str:
+    return "x".join(map(str, iterations))
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        # The 2 mm grid: on a 1 mm whole head, a 1 mm grid took 4.0 GB and 96 s of registration
+        # (79 MB per .h5) against the 3 GB / 3 min budget of a whole participant.
+        Preset(
+            "precise",
+            grid_mm=2.0,
+            affine=AffineStage("NMI", (100, 50, 10)),
+            deformable=DeformableStage(2, (100, 50, 10)),
+            description="affine (NMI) -> diffeomorphic (stationary velocity, NCC radius 2) on a "
+            "2 mm template grid",
+        ),
+        Preset(
+            "fast",
+            grid_mm=3.0,
+            affine=AffineStage("NMI", (100, 50)),
+            deformable=DeformableStage(2, (100, 50)),
+            description="affine (NMI) -> diffeomorphic (stationary velocity, NCC radius 2) on a "
+            "3 mm template grid",
+        ),
+        # Internal, for template-based brain extraction: head to template head, linear then warp.
+        Preset(
+            "head-linear",
+            grid_mm=4.0,
+            affine=AffineStage("NMI", (100, 50)),
+            deformable=None,
+            description="head to template head, affine",
+        ),
+        Preset(
+            "head-syn",
+            grid_mm=4.0,
+            affine=None,
+            deformable=DeformableStage(2, (40, 20)),
+            description="head to template head, deformable refinement",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+class GreedyEngine:
+    name = "greedy"
+
+    def __init__(self, keep_greedy_files: bool = False):
+        # Also write Greedy's own warps next to the .h5 files (tests compare the two).
+        self.keep_greedy_files = keep_greedy_files
+
+    def register(
+        self,
+        fixed,
+        moving,
+        *,
+        preset: str,
+        out_prefix: Path,
+        seed: int,
+        fixed_mask=None,
+        moving_mask=None,
+        initial_xfm: Path | None = None,
+    ) -> RegistrationResult:
+        chosen = get_preset(preset)
+        greedy = _new_greedy()
+        fixed = to_grid(as_pixeltype(fixed, "float"), chosen.grid_mm, "linear")
+        images = {"fixed": to_sitk(fixed), "moving": to_sitk(as_pixeltype(moving, "float"))}
+        if fixed_mask is not None:
+            images["fixed_mask"] = to_sitk(
+                to_grid(as_pixeltype(fixed_mask, "float"), chosen.grid_mm, "nearestNeighbor")
+            )
+        # moving_mask is not passed on: Greedy 1.4's -mm derails its affine line search (benchmark
+        # case ds01-2mm: 28.5 mm mean landmark error with it, 0.24 mm without). The pipeline's
+        # moving image is already brain-masked, which is what the mask would achieve.
+        out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        run = _Runner(greedy, images, seed, preset)
+
+        start = time.perf_counter()
+        affine = read_initial_affine(initial_xfm) if initial_xfm is not None else None
+        if chosen.affine is not None:
+            affine = run.affine(chosen.affine, affine, out_prefix)
+        elif affine is None:  # no linear stage and nothing to start from: match centres of mass
+            affine = run.moments()
+        affine_path = write_greedy_affine(affine, Path(f"{out_prefix}greedy_affine.mat"))
+        if chosen.deformable is None:
+            parts = CompositeParts(affine)
+        else:
+            warp, inverse_warp = run.deformable(chosen.deformable, affine_path)
+            _check_on_grid(warp, images["fixed"], preset)
+            parts = CompositeParts(affine, field_from_sitk(warp), field_from_sitk(inverse_warp))
+            if self.keep_greedy_files:
+                _write_sitk(warp, Path(f"{out_prefix}greedy_warp.nii.gz"))
+                _write_sitk(inverse_warp, Path(f"{out_prefix}greedy_inverse_warp.nii.gz"))
+        forward_path = Path(f"{out_prefix}Composite.h5")
+        inverse_path = Path(f"{out_prefix}InverseComposite.h5")
+        parts.write(forward_path, inverse_path)
+        seconds = time.perf_counter() - start
+        log.debug("greedy preset %s done in %.1f s", preset, seconds)
+        return RegistrationResult(forward_path, inverse_path, seconds)
+
+
+@dataclass(frozen=True)
+class CompositeParts:
+    """Template -> participant: x -> A (x + u(x)); the reverse: y -> z + v(z), z = A^-1 y."""
+
+    affine: np.ndarray  # RAS 4x4, template points -> participant points
+    field: object = None  # DisplacementField u, on the template grid
+    inverse_field: object = None  # DisplacementField v, (id + v) = (id + u)^-1
+
+    def write(self, forward_path: Path, inverse_path: Path) -> None:
+        from bids_app.registration.composite import write_composite
+        from bids_app.transforms import CompositeTransform
+
+        inverse_affine = np.linalg.inv(self.affine)
+        if self.field is None:
+            forward, inverse = (self.affine,), (inverse_affine,)
+        else:  # ITK applies the last part first
+            forward, inverse = (self.affine, self.field), (self.inverse_field, inverse_affine)
+        write_composite(CompositeTransform(forward), forward_path)
+        write_composite(CompositeTransform(inverse), inverse_path)
+
+
+class _Runner:
+    """Greedy command lines on the named in-memory images of one registration."""
+
+    def __init__(self, greedy, images: dict, seed: int, preset: str):
+        self.greedy = greedy
+        self.images = images
+        self.preset = preset
+        if seed == 0:
+            log.warning("Greedy reads --random-seed 0 as 'no seed': this run is not repeatable")
+        self.common = ["-d", "3", "-threads", str(_threads()), "-seed", str(seed)]
+        self.common += ["-V", "1" if log.isEnabledFor(logging.DEBUG) else "0"]
+
+    def _pair(self) -> list[str]:
+        masks = ["-gm", "fixed_mask"] if "fixed_mask" in self.images else []
+        return ["-i", "fixed", "moving", *masks]
+
+    def affine(self, stage: AffineStage, initial: np.ndarray | None, out_prefix: Path):
+        if initial is None and stage.initialisation == "moments":
+            initial = self.moments()
+        if initial is None:
+            start = ["-ia-image-centers"]
+        else:
+            path = write_greedy_affine(initial, Path(f"{out_prefix}greedy_initial.mat"))
+            start = ["-ia", _quote(path)]
+        self.execute([*stage.arguments(), *self._pair(), *start, "-o", "affine"], affine=None)
+        return np.asarray(self.greedy["affine"], dtype=float)
+
+    def moments(self) -> np.ndarray:
+        self.execute(["-moments", "1", "-i", "fixed", "moving", "-o", "affine"], affine=None)
+        return np.asarray(self.greedy["affine"], dtype=float)
+
+    def deformable(self, stage: DeformableStage, affine_path: Path):
+        self.execute(
+            [*stage.arguments(), *self._pair(), "-it", _quote(affine_path),
+             "-wp", "0",
+             "-o", "warp", "-oinv", "inverse_warp"],
+            warp=None, inverse_warp=None,
+        )  # fmt: skip
+        return self.greedy["warp"], self.greedy["inverse_warp"]
+
+    def execute(self, arguments: list[str], **outputs) -> None:
+        command = " ".join([*self.common, *arguments])
+        log.debug("greedy %s", command)
+        messages = io.StringIO()
+        try:
+            self.greedy.execute(command, out=messages, err=messages, **self.images, **outputs)
+        except RuntimeError as err:
+            raise RegistrationError(
+                f"greedy (preset {self.preset}) failed: {err}; check the input's orientation "
+                "and brain mask, run with -v for Greedy's messages, or use --engine ants"
+            ) from err
+        finally:
+            if messages.getvalue().strip():
+                log.debug("greedy output:\n%s", messages.getvalue().rstrip())
+
+
+def _new_greedy():
+    try:
+        from picsl_greedy import Greedy3D
+    except ImportError as err:
+        raise RegistrationError(
+            f"--engine greedy needs the Python package {PACKAGE} ({err}); install it with "
+            f"'pip install \"{PACKAGE}>=1.4\"' or use --engine ants"
+        ) from err
+    return Greedy3D()
+
+
+def _threads() -> int:
+    """Greedy's own thread count, from the variable ITK (and so ANTs) reads."""
+    try:
+        return max(1, int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
+def _quote(path: Path) -> str:
+    return shlex.quote(str(path))
+
+
+# ---- conversions -------------------------------------------------------------------------------
+
+
+def to_sitk(image):
+    """An ANTs image as a SimpleITK image (both ITK: same LPS origin, spacing, direction)."""
+    import SimpleITK as sitk
+
+    # ANTs' arrays are indexed (i, j, k), SimpleITK's (k, j, i).
+    out = sitk.GetImageFromArray(np.ascontiguousarray(image.numpy().transpose(2, 1, 0)))
+    out.SetOrigin(tuple(float(v) for v in image.origin))
+    out.SetSpacing(tuple(float(v) for v in image.spacing))
+    out.SetDirection(tuple(float(v) for v in np.asarray(image.direction).ravel()))
+    return out
+
+
+def field_from_sitk(warp):
+    """A Greedy warp (SimpleITK vector image, LPS mm) as a ``DisplacementField`` (RAS)."""
+    import SimpleITK as sitk
+
+    from bids_app.images import lps_ras_flip, ras_affine_from_itk
+    from bids_app.transforms import DisplacementField
+
+    vectors = sitk.GetArrayFromImage(warp).transpose(2, 1, 0, 3)  # (k, j, i, c) -> (i, j, k, c)
+    affine = ras_affine_from_itk(
+        np.asarray(warp.GetOrigin()), np.asarray(warp.GetSpacing()), np.asarray(warp.GetDirection())
+    )
+    return DisplacementField(lps_ras_flip(vectors).astype(np.float32), affine)
+
+
+def _check_on_grid(warp, fixed, preset: str) -> None:
+    same = (
+        warp.GetSize() == fixed.GetSize()
+        and np.allclose(warp.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
+        and np.allclose(warp.GetSpacing(), fixed.GetSpacing(), atol=1e-6)
+        and np.allclose(warp.GetDirection(), fixed.GetDirection(), atol=1e-6)
+    )
+    if not same:
+        raise RegistrationError(
+            f"greedy (preset {preset}) returned a warp on another grid than the template's; "
+            "this mninorm version expects Greedy to work on the fixed image's grid"
+        )
+
+
+def _write_sitk(image, path: Path) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, str(path))
+
+
+# ---- Greedy's affine files -------------------------------------------------------------------
+
+
+def write_greedy_affine(ras: np.ndarray, path: Path) -> Path:
+    """Greedy's .mat: the 4x4 RAS matrix mapping fixed points to moving points, as text."""
+    np.savetxt(path, np.asarray(ras, dtype=float), fmt="%.10f")
+    return path
+
+
+def read_initial_affine(path: Path) -> np.ndarray:
+    """The linear part of an earlier registration's forward .h5, as Greedy's RAS matrix."""
+    from bids_app.transforms import read_composite
+
+    try:
+        transform = read_composite(Path(path))
+    except (OSError, KeyError, ValueError) as err:
+        raise RegistrationError(
+            f"{path}: cannot be read as an ITK composite transform ({err}); pass the forward .h5 "
+            "of an earlier registration as the initial transform"
+        ) from err
+    if transform.fields:
+        raise RegistrationError(
+            f"{path}: the initial transform holds a displacement field; Greedy starts from a "
+            "linear transform only: pass a linear registration's forward .h5 (e.g. head-linear)"
+        )
+    return transform.linear
