@@ -95,7 +95,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "precise",
             grid_mm=2.0,
-            affine=AffineStage("NMI", (100, 50, 10)),
+            affine=AffineStage("NMI", (100, 50, 10), initialisation="moments"),
             deformable=DeformableStage(2, (100, 50, 10)),
             description="affine (NMI) -> diffeomorphic (stationary velocity, NCC radius 2) on a "
             "2 mm template grid",
@@ -103,7 +103,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "fast",
             grid_mm=3.0,
-            affine=AffineStage("NMI", (100, 50)),
+            affine=AffineStage("NMI", (100, 50), initialisation="moments"),
             deformable=DeformableStage(2, (100, 50)),
             description="affine (NMI) -> diffeomorphic (stationary velocity, NCC radius 2) on a "
             "3 mm template grid",
