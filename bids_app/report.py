@@ -77,7 +77,7 @@ def write_participant_report(
     """QC tables, figures, ``sub-<label>.html`` and ``logs/CITATION.md`` for one participant."""
     if fetch_template is None:
         from bids_app.templates import fetch_template
-    fetch_template = _cached(fetch_template)
+    fetch_template = cached_templates(fetch_template)
     output_dir = Path(output_dir)
     records = qc.collect_records(output_dir, subject)
     if not records:
@@ -135,7 +135,7 @@ def rebuild_reports(output_dir: Path, participant_labels: tuple[str, ...] = ()) 
     return failed
 
 
-def _cached(fetch_template: Callable) -> Callable:
+def cached_templates(fetch_template: Callable) -> Callable:
     found: dict = {}
 
     def fetch(name: str, resolution: int = 1):

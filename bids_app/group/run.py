@@ -46,14 +46,14 @@ class GroupOutcome:
 
 
 def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -> GroupOutcome:
-    from bids_app.report import _cached
+    from bids_app.report import cached_templates
 
     if fetch_template is None:
         from bids_app.templates import fetch_template
     output_dir = Path(settings.output_dir)
     collection = collect(
         output_dir,
-        _cached(fetch_template),
+        cached_templates(fetch_template),
         settings.participant_labels,
         settings.session_labels,
     )

@@ -128,12 +128,9 @@ class AntsEngine:
 
         chosen = get_preset(preset)
         # antsRegistration casts in-memory images blindly: images must be float, masks uint8.
-        fixed = to_grid(as_pixeltype(fixed, "float"), chosen.grid_mm, "linear")
+        fixed, fixed_mask = fixed_on_grid(fixed, fixed_mask, chosen.grid_mm)
         moving = as_pixeltype(moving, "float")
         if fixed_mask is not None:
-            fixed_mask = to_grid(
-                as_pixeltype(fixed_mask, "float"), chosen.grid_mm, "nearestNeighbor"
-            )
             fixed_mask = as_pixeltype(fixed_mask, "unsigned char")
         if moving_mask is not None:
             moving_mask = as_pixeltype(moving_mask, "unsigned char")
@@ -184,6 +181,15 @@ class AntsEngine:
 
 def as_pixeltype(image, pixeltype: str):
     return image if image.pixeltype == pixeltype else image.clone(pixeltype)
+
+
+def fixed_on_grid(fixed, fixed_mask, grid_mm: float):
+    """The template (float) and its mask (float 0/1, or None) on a preset's grid: every engine's
+    displacement field lives on that grid."""
+    fixed = to_grid(as_pixeltype(fixed, "float"), grid_mm, "linear")
+    if fixed_mask is not None:
+        fixed_mask = to_grid(as_pixeltype(fixed_mask, "float"), grid_mm, "nearestNeighbor")
+    return fixed, fixed_mask
 
 
 def to_grid(image, grid_mm: float, interpolation: str):

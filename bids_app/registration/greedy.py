@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_app.errors import RegistrationError
-from bids_app.registration.ants import as_pixeltype, to_grid
+from bids_app.registration.ants import as_pixeltype, fixed_on_grid
 from bids_app.registration.base import RegistrationResult
 
 log = logging.getLogger(__name__)
@@ -155,12 +155,10 @@ class GreedyEngine:
     ) -> RegistrationResult:
         chosen = get_preset(preset)
         greedy = _new_greedy()
-        fixed = to_grid(as_pixeltype(fixed, "float"), chosen.grid_mm, "linear")
+        fixed, fixed_mask = fixed_on_grid(fixed, fixed_mask, chosen.grid_mm)
         images = {"fixed": to_sitk(fixed), "moving": to_sitk(as_pixeltype(moving, "float"))}
         if fixed_mask is not None:
-            images["fixed_mask"] = to_sitk(
-                to_grid(as_pixeltype(fixed_mask, "float"), chosen.grid_mm, "nearestNeighbor")
-            )
+            images["fixed_mask"] = to_sitk(fixed_mask)
         # moving_mask is not passed on: Greedy 1.4's -mm derails its affine line search (benchmark
         # case ds01-2mm: 28.5 mm mean landmark error with it, 0.24 mm without). The pipeline's
         # moving image is already brain-masked, which is what the mask would achieve.
