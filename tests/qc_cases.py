@@ -153,9 +153,7 @@ def drop_nonlinear_stage(
     for space in spaces:
         forward = drv.transform_path(output_dir, t1w, "t1w2std_xfm", space.template)
         grid = ants.image_read(str(fetch_template(space.template, space.grid_resolution).t1w_path))
-        t1w_img = ants.apply_transforms(
-            grid, native_t1w, [str(forward)], interpolator="bSpline"
-        )
+        t1w_img = ants.apply_transforms(grid, native_t1w, [str(forward)], interpolator="bSpline")
         mask_img = ants.threshold_image(
             ants.apply_transforms(grid, native_mask, [str(forward)], interpolator="linear"),
             0.5, 1e9, 1, 0,
