@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("bench_results"), help="results folder")
     run.add_argument(
         "--quick", action="store_true",
-        help="the quick subset (one synthetic 2 mm case, the fast settings)",
+        help="the quick subset (one synthetic 2 mm case, every setting; under 15 min)",
     )  # fmt: skip
     run.add_argument("--cases", type=_names, help="comma-separated case names (see `list`)")
     run.add_argument("--settings", type=_names, help="comma-separated setting names")

@@ -41,7 +41,7 @@ class Setting:
     options: tuple[tuple[str, str], ...] = ()
     groups: tuple[str, ...] = ("full",)  # "quick", "full", "diagnostic"
     timeout_min_2mm: float = 30.0  # scaled by (2 / grid_mm)^3 on finer grids
-    estimate_2mm: str = ""  # wall time on ds01-2mm, 2 threads (README's quick run; ~: DOMAIN.md)
+    estimate_2mm: str = ""  # wall on ds01-2mm, 2 threads (the README's full run; ~: DOMAIN.md)
     # Finer fixed grids than this are skipped, with the reason: a setting that would take hours
     coarsest_only_mm: float = 0.0  # 0: every grid
     too_fine_reason: str = ""
@@ -60,29 +60,29 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         Setting(REFERENCE, "ants", "ANTsPy antsRegistrationSyN[s] (the reference)",
-                (("type_of_transform", "antsRegistrationSyN[s]"),), _QUICK, 45, "121 s"),
+                (("type_of_transform", "antsRegistrationSyN[s]"),), _QUICK, 45, "110 s"),
         Setting("ants-synquick-s", "ants", "ANTsPy antsRegistrationSyNQuick[s]",
-                (("type_of_transform", "antsRegistrationSyNQuick[s]"),), _QUICK, 20, "10 s"),
+                (("type_of_transform", "antsRegistrationSyNQuick[s]"),), _QUICK, 20, "13 s"),
         Setting("ants-syn", "ants", "ANTsPy SyN (its defaults)",
-                (("type_of_transform", "SyN"),), _QUICK, 20, "8 s"),
+                (("type_of_transform", "SyN"),), _QUICK, 20, "12 s"),
         Setting("smriprep-precise000", "smriprep",
-                "sMRIPrep precise_000 (antsRegistration re-implemented)", (), ("full",), 60,
-                "~14 min", coarsest_only_mm=2.0,
+                "sMRIPrep precise_000 (antsRegistration re-implemented)", (), _QUICK, 60,
+                "172 s", coarsest_only_mm=2.0,
                 too_fine_reason="sMRIPrep precise_000 on a 1 mm fixed grid: over an hour with 2 "
                 "threads (~14 min at 2 mm, ~8x the voxels at its finest level); run it alone "
                 "with --cases ds01-1mm --settings smriprep-precise000 --allow-slow"),
         Setting("greedy", "greedy", "Greedy (affine NMI, then NCC 2x2x2, 100x50x10)", (), _QUICK,
-                20, "6 s"),
+                20, "7 s"),
         Setting("mninorm-precise", "mninorm",
                 "mninorm --preset precise (whole command, default engine: Greedy)",
-                (("preset", "precise"),), _QUICK, 30, "16 s"),
+                (("preset", "precise"),), _QUICK, 30, "19 s"),
         Setting("mninorm-fast", "mninorm",
                 "mninorm --preset fast (whole command, default engine: Greedy)",
-                (("preset", "fast"),), _QUICK, 15, "15 s"),
+                (("preset", "fast"),), _QUICK, 15, "16 s"),
         Setting("mninorm-precise-ants", "mninorm", "mninorm --preset precise --engine ants",
                 (("preset", "precise"), ("engine", "ants")), _QUICK, 30, "136 s"),
         Setting("mninorm-fast-ants", "mninorm", "mninorm --preset fast --engine ants",
-                (("preset", "fast"), ("engine", "ants")), _QUICK, 15, "27 s"),
+                (("preset", "fast"), ("engine", "ants")), _QUICK, 15, "41 s"),
         Setting("oracle", "oracle", "the true transform (checks the scorer: error ~ 0)", (),
                 ("diagnostic",), 5, "s"),
         Setting("identity", "identity", "no registration (error = the case's displacement)", (),
