@@ -40,10 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout-scale", type=float, default=1.0,
         help="multiply every setting's time limit (slow or busy machines)",
     )  # fmt: skip
-    run.add_argument(
-        "--allow-slow", action="store_true",
-        help="also run settings on grids they skip by default (sMRIPrep on 1 mm: over an hour)",
-    )  # fmt: skip
     run.add_argument("-v", "--verbose", action="store_true")
     rebuild = commands.add_parser("report", help="rebuild results.md from results.csv")
     rebuild.add_argument("--out", type=Path, default=Path("bench_results"))
@@ -91,7 +87,7 @@ def run(args, argv: list[str]) -> int:
     rows = run_benchmark(
         cases, settings, args.out, force=args.force, threads=args.threads,
         seed=DEFAULT_SEED if args.seed is None else args.seed, timeout_scale=args.timeout_scale,
-        allow_slow=args.allow_slow, argv=["python", "-m", "benchmarks", *argv],
+        argv=["python", "-m", "benchmarks", *argv],
     )  # fmt: skip
     path = write_report(args.out, rows)
     print(path.read_text())

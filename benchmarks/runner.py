@@ -42,7 +42,6 @@ def run_benchmark(
     threads: int = 2,
     seed: int = DEFAULT_SEED,
     timeout_scale: float = 1.0,
-    allow_slow: bool = False,
     argv: list[str] | None = None,
 ) -> dict[tuple[str, str], Row]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +69,7 @@ def run_benchmark(
             continue
         for setting in todo:
             row = run_one(case, setting, out_dir, threads=threads, seed=seed,
-                          timeout_scale=timeout_scale, allow_slow=allow_slow)  # fmt: skip
+                          timeout_scale=timeout_scale)  # fmt: skip
             rows[row.key] = row
             report.write_rows(out_dir, rows)
             _log_row(row)
@@ -86,14 +85,14 @@ def _needs_run(previous: Row | None, force: bool) -> bool:
 
 
 def run_one(case: Case, setting: Setting, out_dir: Path, *, threads: int, seed: int,
-            timeout_scale: float = 1.0, allow_slow: bool = False) -> Row:  # fmt: skip
+            timeout_scale: float = 1.0) -> Row:  # fmt: skip
     run_dir = out_dir / "runs" / case.name / setting.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     base = Row(case.name, case.kind, setting.name, "ok", grid_mm=case.definition.grid_mm,
                threads=threads, seed=seed)  # fmt: skip
-    command = build_command(setting, case, run_dir, seed, threads, allow_slow)
+    command = build_command(setting, case, run_dir, seed, threads)
     if command.skip_reason:
         return replace(base, status="skipped", reason=command.skip_reason)
     log.info("%s / %s: running (%s)", case.name, setting.name, setting.what)

@@ -42,9 +42,6 @@ class Setting:
     groups: tuple[str, ...] = ("full",)  # "quick", "full", "diagnostic"
     timeout_min_2mm: float = 30.0  # scaled by (2 / grid_mm)^3 on finer grids
     estimate_2mm: str = ""  # wall on ds01-2mm, 2 threads (the README's full run; ~: DOMAIN.md)
-    # Finer fixed grids than this are skipped, with the reason: a setting that would take hours
-    coarsest_only_mm: float = 0.0  # 0: every grid
-    too_fine_reason: str = ""
 
     @property
     def option(self) -> dict[str, str]:
@@ -67,10 +64,7 @@ SETTINGS: dict[str, Setting] = {
                 (("type_of_transform", "SyN"),), _QUICK, 20, "12 s"),
         Setting("smriprep-precise000", "smriprep",
                 "sMRIPrep precise_000 (antsRegistration re-implemented)", (), _QUICK, 60,
-                "172 s", coarsest_only_mm=2.0,
-                too_fine_reason="sMRIPrep precise_000 on a 1 mm fixed grid: over an hour with 2 "
-                "threads (~14 min at 2 mm, ~8x the voxels at its finest level); run it alone "
-                "with --cases ds01-1mm --settings smriprep-precise000 --allow-slow"),
+                "172 s"),
         Setting("greedy", "greedy", "Greedy (affine NMI, then NCC 2x2x2, 100x50x10)", (), _QUICK,
                 20, "7 s"),
         Setting("mninorm-precise", "mninorm",
@@ -138,12 +132,8 @@ def thread_environment(threads: int) -> dict:
     return env
 
 
-def build_command(
-    setting: Setting, case: Case, run_dir: Path, seed: int, threads: int, allow_slow: bool = False
-) -> Command:
+def build_command(setting: Setting, case: Case, run_dir: Path, seed: int, threads: int) -> Command:
     env = thread_environment(threads)
-    if not allow_slow and case.definition.grid_mm < setting.coarsest_only_mm:
-        return Command((), env, setting.too_fine_reason)
     if setting.runner == "mninorm":
         return _mninorm_command(setting, case, run_dir, seed, threads, env)
     if setting.runner in ("oracle", "identity") and case.kind != "synthetic":

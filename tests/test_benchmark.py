@@ -377,24 +377,6 @@ def test_selection_filters_and_names():
         cases.select_cases("full", ["nope"])
 
 
-def test_smriprep_is_skipped_on_1mm_grids_unless_asked(tmp_path):
-    def case_on(grid_mm: float) -> cases.Case:
-        definition = cases.CaseDef(f"g{grid_mm}", "synthetic", "nilearn", grid_mm)
-        files = [tmp_path / f"{n}.nii.gz" for n in ("fixed", "mask", "moving", "moving_mask")]
-        return cases.Case(definition, tmp_path, *files, whole_head=False)
-
-    smriprep = settings.get_setting("smriprep-precise000")
-    skipped = settings.build_command(smriprep, case_on(1.0), tmp_path, seed=1, threads=2)
-    assert not skipped.argv and "1 mm" in skipped.skip_reason
-    assert "--allow-slow" in skipped.skip_reason  # the reason says how to run it anyway
-    asked = settings.build_command(smriprep, case_on(1.0), tmp_path, 1, 2, allow_slow=True)
-    coarse = settings.build_command(smriprep, case_on(2.0), tmp_path, seed=1, threads=2)
-    for command in (asked, coarse):
-        assert command.argv and not command.skip_reason
-    reference = settings.get_setting(settings.REFERENCE)
-    assert settings.build_command(reference, case_on(1.0), tmp_path, 1, 2).argv
-
-
 def test_command_line_lists_and_rejects_unknown_names(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(settings.REPOSITORY)}
     listed = subprocess.run([sys.executable, "-m", "benchmarks", "list"], capture_output=True,
