@@ -37,7 +37,7 @@ SOFTWARE_REFERENCES = {
 }
 
 # QC table of the report: column -> (label, how to show the value)
-_QC_ROWS = {
+QC_ROWS = {
     "ncc": ("Correlation with the template (NCC)", "{:.3f}"),
     "mi": ("Mutual information (bits)", "{:.3f}"),
     "nmi": ("Normalised mutual information", "{:.3f}"),
@@ -419,7 +419,7 @@ def _summary_table(record: qc.RunRecord) -> str:
 def _qc_table(space_qc: qc.SpaceQC) -> str:
     rules = {rule.column: rule for rule in qc.RULES}
     rows = []
-    for column, (label, form) in _QC_ROWS.items():
+    for column, (label, form) in QC_ROWS.items():
         value = space_qc.metrics.get(column)
         rule = rules.get(column)
         verdict = rule.grade(value) if rule else ""

@@ -24,23 +24,24 @@ from bids_app.group.collect import SpaceResults, canonical_array, canonical_zoom
 from bids_app.group.design import Design
 from bids_app.group.maps import SpaceMaps
 from bids_app.group.pictures import mosaic_png, thumbnail_png
-from bids_app.report import _STYLE, _badge, _e, _number
+from bids_app.report import _STYLE, QC_ROWS, _badge, _e, _number
 
 log = logging.getLogger(__name__)
 
 MOSAIC_SLICES = 5
 STAT_DISPLAY = {"t": (5.0, 2.0), "F": (20.0, 4.0)}  # colour-scale limit, display threshold
 _STATUS_ORDER = {"fail": 0, "warn": 1, "pass": 2}  # sorting: the worst first
-_TABLE_METRICS = {  # metric -> (header, format)
-    "ncc": ("NCC", "{:.3f}"),
-    "nmi": ("NMI", "{:.3f}"),
-    "dice": ("Dice", "{:.3f}"),
-    "folding_fraction": ("folding", "{:.4%}"),
-    "logjac_median": ("logjac median", "{:+.3f}"),
-    "logjac_iqr": ("logjac IQR", "{:.3f}"),
-    "affine_volume_ratio": ("volume ratio", "{:.3f}"),
-    "brain_volume_ml": ("brain ml", "{:.0f}"),
+_TABLE_HEADERS = {  # metric -> short column header; formats are the participant report's
+    "ncc": "NCC",
+    "nmi": "NMI",
+    "dice": "Dice",
+    "folding_fraction": "folding",
+    "logjac_median": "logjac median",
+    "logjac_iqr": "logjac IQR",
+    "affine_volume_ratio": "volume ratio",
+    "brain_volume_ml": "brain ml",
 }
+_TABLE_METRICS = {metric: (header, QC_ROWS[metric][1]) for metric, header in _TABLE_HEADERS.items()}
 
 
 @dataclass(frozen=True)

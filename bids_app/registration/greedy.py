@@ -98,10 +98,11 @@ PRESETS: dict[str, Preset] = {
             "precise",
             grid_mm=1.5,
             affine=AffineStage("NMI", (100, 50, 10), initialisation="moments"),
-            # Plain greedy updates, not -sv: on the benchmark's labelled pair the cortical Dice
-            # was 0.673 against 0.654 with -sv (reference antsRegistrationSyN[s]: 0.671), with
-            # the same landmark error on the synthetic cases (0.28/0.51/0.41 mm against
-            # 0.27/0.52/0.39) and no folding. On the 3 mm grid of `fast`, -sv did better.
+            # Plain greedy updates, not -sv (benchmark, 2 mm cases): the labelled pair's cortical
+            # Dice was 0.673 (reference antsRegistrationSyN[s]: 0.671) against 0.654 with -sv in
+            # the run before; landmark error 0.28/0.51/0.41 mm against 0.27/0.52/0.39; no
+            # folding. For `fast` (3 mm grid) -sv did better: 0.37/0.55/0.50 mm against
+            # 0.42/0.59/0.50 without it.
             deformable=DeformableStage(2, (100, 50, 10), stationary_velocity=False),
             description="affine (NMI) -> greedy diffeomorphic (NCC radius 2) on a 1.5 mm template "
             "grid",
