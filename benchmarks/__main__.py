@@ -4,6 +4,7 @@ python -m benchmarks run --quick --out bench_results/      # < 15 min on 2 cores
 python -m benchmarks run --out bench_results/               # the full run (hours)
 python -m benchmarks run --cases ds01-2mm --settings greedy,mninorm-fast --force
 python -m benchmarks report --out bench_results/            # rebuild results.md from the CSV
+python -m benchmarks heads --out bench_heads/               # whole-head brain extraction (~1 h)
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = commands.add_parser("report", help="rebuild results.md from results.csv")
     rebuild.add_argument("--out", type=Path, default=Path("bench_results"))
     commands.add_parser("list", help="the cases and settings, with their groups and estimates")
+    heads = commands.add_parser(
+        "heads", help="whole-head robustness of brain extraction (benchmarks/heads.py)"
+    )
+    heads.add_argument("--out", type=Path, default=Path("bench_heads"), help="results folder")
+    heads.add_argument("--cases", type=_names, help="comma-separated case names (all by default)")
+    heads.add_argument(
+        "--settings", type=_names, default=["default"],
+        help="comma-separated: default, no-fallback, mni-head (default: default)",
+    )  # fmt: skip
+    heads.add_argument("--threads", type=int, default=2, help="threads of every run (2)")
+    heads.add_argument("--force", action="store_true", help="re-run rows already in the CSV")
+    heads.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -59,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if args.command == "list":
         return list_all()
+    if args.command == "heads":
+        from benchmarks.heads import run as run_heads
+
+        return run_heads(args.out, args.cases, args.settings, args.threads, args.force)
     if args.command == "report":
         from benchmarks.report import read_rows
         from benchmarks.runner import write_report

@@ -1,7 +1,11 @@
-"""Brain extraction: decide whether it is needed, and do it by registration to the template.
+"""Brain extraction: decide whether it is needed, and do it by registration to a template head.
 
-The template's brain mask is brought back onto the participant through a head-to-template
-registration, then cleaned up (one connected piece, no holes).
+One attempt: a search for a good start (``headstart``), the engine's affine and a coarse warp of
+the head to the template head, and the template's brain mask brought back onto the participant
+(threshold 0.5, one connected piece, no holes). Cheap checks after each stage (``maskcheck``)
+decide whether the T1w needs another attempt: from the next distinct start, with another template
+(another extraction method), with another engine. The best attempt is kept and every attempt is
+recorded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_app.maskcheck import MaskCheck, check_mask, mask_problems
+
 log = logging.getLogger(__name__)
 
 # An image whose non-zero voxels fill less than this looks like a brain without its head: a whole
@@ -20,11 +26,104 @@ _STRIPPED_MAX_LITRES = 2.3
 _STRIPPED_MIN_ZERO_SHARE = 0.3
 
 
+# Head-to-template affine: the participant's head volume over the template's. Adult heads
+# differ from a template by well under a factor 2; a diverged affine was 523 on a real head.
+_HEAD_VOLUME_RATIO = (0.5, 2.0)
+
+
+# The head registrations look at the template's brain and this much around it (skull, scalp), not
+# at the rest of its field of view: templates differ there (OASIS30ANTs is cut below the chin,
+# MNI152 holds the neck) and so do heads.
+_REGION_MARGIN_MM = 15.0
+
+
+@dataclass(frozen=True)
+class BrainTemplate:
+    """A template head used for extraction (ANTs images) and its TemplateFlow name."""
+
+    name: str
+    head: object
+    mask: object
+    region: object  # the brain and _REGION_MARGIN_MM around it: where head registrations look
+
+
+def brain_template(name: str, head, mask) -> BrainTemplate:
+    from scipy import ndimage
+
+    outside_mm = ndimage.distance_transform_edt(mask.numpy() < 0.5, sampling=mask.spacing)
+    region = mask.new_image_like((outside_mm <= _REGION_MARGIN_MM).astype("float32"))
+    return BrainTemplate(name, head, mask, region)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one attempt uses, and why it is made."""
+
+    template: BrainTemplate
+    engine: object
+    start_rank: int  # 0: the search's best start, 1: the next distinct one, ...
+    why: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One extraction attempt, as recorded: what, why, its measures and what was wrong."""
+
+    number: int
+    template: str
+    engine: str
+    start: str
+    start_score: float
+    why: str
+    head_volume_ratio: float
+    check: MaskCheck | None
+    problems: tuple[str, ...]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_record(self) -> dict:
+        record = {
+            "Attempt": self.number,
+            "Why": self.why,
+            "Template": self.template,
+            "Engine": self.engine,
+            "Start": self.start,
+            "StartScore": round(self.start_score, 4),
+            "HeadVolumeRatio": round(self.head_volume_ratio, 3),
+            "Problems": list(self.problems),
+            "Seconds": round(self.seconds, 1),
+        }
+        if self.check is not None:
+            record.update(self.check.as_record())
+        return record
+
+
 @dataclass(frozen=True)
 class BrainExtraction:
     mask_img: object  # ANTs image, 0/1, on the participant's grid
     linear_xfm: Path | None  # head-to-template linear transform, to start the main registration
     skull_stripped_input: bool
+    attempts: tuple[Attempt, ...] = ()
+    kept: int = 0  # the number of the attempt whose mask is used (0: no attempt, input mask)
+
+    @property
+    def template(self) -> str | None:
+        """The template the kept attempt registered to (its linear_xfm starts from it)."""
+        return None if self.skull_stripped_input else self.attempts[self.kept - 1].template
+
+    @property
+    def method(self) -> str:
+        if self.skull_stripped_input:
+            return "non-zero voxels of the already skull-stripped input"
+        chosen = self.attempts[self.kept - 1]
+        return (
+            f"the {chosen.template} template's brain mask brought back by a head-to-template "
+            f"registration ({chosen.engine}: affine from the best of a search over starts, then "
+            f"a coarse diffeomorphic warp), attempt {chosen.number} of {len(self.attempts)}"
+        )
 
 
 def looks_skull_stripped(data: np.ndarray, voxel_volume_mm3: float) -> bool:
@@ -60,27 +159,100 @@ def clean_mask(mask_img):
     return mask_img.new_image_like(filled.astype("float32"))
 
 
-def extract_brain(t1w_img, template_head, template_mask, engine, work_prefix: Path, seed: int):
-    """Register the head to the template head and bring the template's brain mask back."""
+def extraction_plans(templates: list[BrainTemplate], engines: list, fallback: bool) -> list[Plan]:
+    """The attempts to make, in order; only the first without fallback."""
+    first, *other_templates = templates
+    main_engine, *other_engines = engines
+    plans = [Plan(first, main_engine, 0, "first attempt")]
+    if not fallback:
+        return plans
+    plans.append(Plan(first, main_engine, 1, "fallback: the search's next distinct start"))
+    for template in other_templates:
+        plans.append(Plan(template, main_engine, 0, f"fallback: another template, {template.name}"))
+    for engine in other_engines:
+        plans.append(Plan(first, engine, 0, f"fallback: another engine, {engine.name}"))
+    return plans
+
+
+def extract_brain(t1w_img, plans: list[Plan], work_prefix: Path, seed: int) -> BrainExtraction:
+    """Make the planned attempts until one passes its checks; keep the best one."""
+    from bids_app.headstart import distinct_starts, search_head_starts
+
+    attempts: list[Attempt] = []
+    results: list[tuple[object, Path]] = []
+    searches: dict[str, list] = {}
+    for number, plan in enumerate(plans, start=1):
+        template = plan.template
+        if template.name not in searches:
+            found = search_head_starts(template.head, template.mask, t1w_img)
+            searches[template.name] = distinct_starts(found)
+        starts = searches[template.name]
+        if plan.start_rank >= len(starts):
+            continue  # no other distinct start: nothing new to try
+        attempt, mask, linear_xfm = _attempt(
+            t1w_img, plan, starts[plan.start_rank], number, Path(f"{work_prefix}a{number}_"), seed
+        )
+        attempts.append(attempt)
+        results.append((mask, linear_xfm))
+        log.info(
+            "brain extraction attempt %d (%s, %s): %s", number, template.name, plan.engine.name,
+            "; ".join(attempt.problems) or "checks passed",
+        )  # fmt: skip
+        if attempt.ok:
+            break
+    best = max(range(len(attempts)), key=lambda i: _attempt_rank(attempts[i]))
+    mask, linear_xfm = results[best]
+    return BrainExtraction(mask, linear_xfm, False, tuple(attempts), attempts[best].number)
+
+
+def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
+    import time
+
     import ants
 
+    from bids_app.images import ants_to_nifti
+    from bids_app.registration.composite import write_composite
+    from bids_app.transforms import CompositeTransform, read_composite
+
+    began = time.perf_counter()
+    template, engine = plan.template, plan.engine
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    initial = write_composite(CompositeTransform((start.affine,)), Path(f"{prefix}start.h5"))
     linear = engine.register(
-        template_head,
-        t1w_img,
-        preset="head-linear",
-        out_prefix=Path(f"{work_prefix}lin_"),
-        seed=seed,
-    )
-    warp = engine.register(
-        template_head,
-        t1w_img,
-        preset="head-syn",
-        out_prefix=Path(f"{work_prefix}syn_"),
-        seed=seed,
-        initial_xfm=linear.forward_xfm,
-    )
-    probability = ants.apply_transforms(
-        t1w_img, template_mask, [str(warp.inverse_xfm)], interpolator="linear"
-    )
-    mask = clean_mask(ants.threshold_image(probability, 0.5, 1e9, 1, 0))
-    return BrainExtraction(mask, linear.forward_xfm, skull_stripped_input=False)
+        template.head, t1w_img, preset="head-linear", out_prefix=Path(f"{prefix}lin_"),
+        seed=seed, initial_xfm=initial, fixed_mask=template.region,
+    )  # fmt: skip
+    head_affine = read_composite(linear.forward_xfm).linear
+    ratio = float(np.linalg.det(head_affine[:3, :3]))
+    problems: list[str] = []
+    mask, check = None, None
+    if not _HEAD_VOLUME_RATIO[0] <= ratio <= _HEAD_VOLUME_RATIO[1]:
+        problems.append(
+            f"head-to-template affine scales the volume by {ratio:.2f} (plausible "
+            f"{_HEAD_VOLUME_RATIO[0]}-{_HEAD_VOLUME_RATIO[1]}): it diverged"
+        )
+    else:
+        warp = engine.register(
+            template.head, t1w_img, preset="head-syn", out_prefix=Path(f"{prefix}syn_"),
+            seed=seed, initial_xfm=linear.forward_xfm, fixed_mask=template.region,
+        )  # fmt: skip
+        probability = ants.apply_transforms(
+            t1w_img, template.mask, [str(warp.inverse_xfm)], interpolator="linear"
+        )
+        mask = clean_mask(ants.threshold_image(probability, 0.5, 1e9, 1, 0))
+        check = check_mask(ants_to_nifti(mask), ants_to_nifti(template.mask), head_affine)
+        problems.extend(mask_problems(check))
+    attempt = Attempt(
+        number=number, template=template.name, engine=engine.name, start=start.label,
+        start_score=start.score, why=plan.why, head_volume_ratio=ratio, check=check,
+        problems=tuple(problems), seconds=time.perf_counter() - began,
+    )  # fmt: skip
+    return attempt, mask, linear.forward_xfm
+
+
+def _attempt_rank(attempt: Attempt) -> tuple:
+    """Passing attempts first, then the mask that best covers the brain without leaking out."""
+    if attempt.check is None:
+        return (False, -np.inf)
+    check = attempt.check
+    return (attempt.ok, check.min_sector_coverage - check.outside_fraction)

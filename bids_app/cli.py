@@ -13,6 +13,7 @@ from pathlib import Path
 from bids_app import __version__
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.settings import (
+    DEFAULT_BRAIN_TEMPLATE,
     DEFAULT_ENGINE,
     DEFAULT_SEED,
     DEFAULT_SPACE,
@@ -108,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         "force: always extract; skip: never (the input is a brain image)",
     )  # fmt: skip
     method.add_argument(
+        "--brain-template", metavar="TEMPLATE",
+        help=f"TemplateFlow template whose head and brain mask brain extraction uses (default "
+        f"{DEFAULT_BRAIN_TEMPLATE}, as sMRIPrep; when it is not installed, the first output "
+        "template's head is used and the run record says so)",
+    )  # fmt: skip
+    method.add_argument(
+        "--no-fallback", action="store_true",
+        help="make one brain-extraction attempt only; by default a T1w whose mask fails the "
+        "checks (implausible affine, volume, a missed lobe, skull included) gets further "
+        "attempts: the next start, another template, another engine",
+    )  # fmt: skip
+    method.add_argument(
         "--random-seed", type=int, default=DEFAULT_SEED,
         help=f"seed for ANTs' sampling (default {DEFAULT_SEED}; recorded in every sidecar)",
     )  # fmt: skip
@@ -177,6 +190,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         skull_strip=args.skull_strip,
         preset=args.preset,
         engine=args.engine,
+        brain_template=args.brain_template or DEFAULT_BRAIN_TEMPLATE,
+        brain_template_required=args.brain_template is not None,
+        fallback=not args.no_fallback,
         in_process=args.in_process,
     )
 
@@ -226,7 +242,7 @@ def run_participant_level(settings: Settings) -> int:
     )
     for subject in selection.subjects_without_t1w:
         log.error("sub-%s: no T1w image found (anat/*_T1w.nii[.gz]); skipped", subject)
-    templates = resolve_templates(settings.output_spaces)
+    templates = resolve_templates(settings)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
     count = sum(len(t1ws) for t1ws in selection.t1w_by_subject.values())

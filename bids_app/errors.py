@@ -52,5 +52,9 @@ class ImageError(MninormError):
     """A T1w image that cannot be used as it is (unreadable, 4D, empty...)."""
 
 
+class BrainExtractionError(MninormError):
+    """No brain-extraction attempt gave a mask that passes its checks."""
+
+
 class RegistrationError(MninormError):
     """ANTs failed or produced an unusable transform."""

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from bids_app import derivatives as drv
+from bids_app.brain import BrainExtraction
 from bids_app.discovery import T1wInput
-from bids_app.errors import MninormError
+from bids_app.errors import BrainExtractionError, MninormError
+from bids_app.headstart import write_start
 from bids_app.settings import OutputSpace, Settings
 from bids_app.templates import Template
 
@@ -38,6 +40,14 @@ class TemplateSet:
 
 
 @dataclass(frozen=True)
+class Templates:
+    """Every template a run needs, found before any parallel work."""
+
+    spaces: dict  # template name -> TemplateSet
+    brain: Template | None  # the head brain extraction registers to (None: the first space's)
+
+
+@dataclass(frozen=True)
 class T1wOutcome:
     source: str  # path relative to bids_dir
     subject: str
@@ -47,8 +57,30 @@ class T1wOutcome:
     seconds: float = 0.0
 
 
-def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]:
+def resolve_templates(settings: Settings) -> Templates:
     """Find every template file before any parallel work (TemplateFlow is not process-safe)."""
+    return Templates(_resolve_spaces(settings.output_spaces), _resolve_brain_template(settings))
+
+
+def _resolve_brain_template(settings: Settings) -> Template | None:
+    from bids_app.errors import TemplateUnavailableError
+    from bids_app.templates import fetch_template
+
+    if settings.skull_strip == "skip" or settings.brain_template in settings.templates:
+        return None
+    try:
+        return fetch_template(settings.brain_template, 1)
+    except TemplateUnavailableError as err:
+        if settings.brain_template_required:
+            raise
+        log.warning(
+            "brain extraction template %s not found (%s); brain extraction registers to %s's "
+            "head instead", settings.brain_template, err, settings.templates[0],
+        )  # fmt: skip
+        return None
+
+
+def _resolve_spaces(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]:
     from bids_app.templates import fetch_template
 
     sets: dict[str, TemplateSet] = {}
@@ -72,7 +104,7 @@ def resolve_templates(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]
 def process_t1w(
     t1w: T1wInput,
     settings: Settings,
-    templates: dict[str, TemplateSet],
+    templates: Templates,
     work_dir: Path,
     record: dict,
 ) -> T1wOutcome:
@@ -80,7 +112,7 @@ def process_t1w(
     import ants
 
     from bids_app.bias import correct_bias
-    from bids_app.brain import extract_brain, looks_skull_stripped, mask_from_nonzero
+    from bids_app.brain import looks_skull_stripped, mask_from_nonzero
     from bids_app.images import load_t1w, nifti_to_ants
     from bids_app.registration import get_engine
 
@@ -111,49 +143,57 @@ def process_t1w(
     # Each template's head and brain mask, read once: brain extraction and registration share them.
     template_images = {
         name: (
-            ants.image_read(str(templates[name].registration.t1w_path)),
-            ants.image_read(str(templates[name].registration.mask_path)),
+            ants.image_read(str(templates.spaces[name].registration.t1w_path)),
+            ants.image_read(str(templates.spaces[name].registration.mask_path)),
         )
         for name in settings.templates
     }
-    first = settings.templates[0]
-    linear_xfm = None
     if stripped_input:
         with timer("brain_mask"):
-            mask = mask_from_nonzero(t1w_img)
+            extraction = BrainExtraction(mask_from_nonzero(t1w_img), None, True)
         with timer("bias"):
-            preproc = correct_bias(t1w_img, mask)
+            preproc = correct_bias(t1w_img, extraction.mask_img)
     else:
         with timer("bias"):
             preproc = correct_bias(t1w_img)
         with timer("brain_mask"):
-            extraction = extract_brain(
-                preproc,
-                *template_images[first],
-                engine,
-                work / "brain_",
-                settings.random_seed,
+            extraction = _extract_brain(preproc, settings, templates, template_images, work)
+        record["BrainExtraction"] = {
+            "KeptAttempt": extraction.kept,
+            "Attempts": [attempt.as_record() for attempt in extraction.attempts],
+        }
+        if not any(attempt.ok for attempt in extraction.attempts):
+            raise BrainExtractionError(
+                f"{t1w.relpath}: no brain-extraction attempt passed its checks "
+                f"({'; '.join(extraction.attempts[extraction.kept - 1].problems)}); check the "
+                "image in the report, or give a skull-stripped T1w with --skull-strip skip"
             )
-            mask, linear_xfm = extraction.mask_img, extraction.linear_xfm
+    mask = extraction.mask_img
 
-    provenance = _provenance(t1w, settings, header, stripped_input)
+    provenance = _provenance(t1w, settings, header, extraction)
     outputs = _write_native(t1w, settings, preproc, mask, provenance)
 
     brain = preproc * mask
     moving_mask = ants.iMath(mask, "MD", _MASK_DILATION_VOX)
     for name in settings.templates:
-        template_set = templates[name]
+        template_set = templates.spaces[name]
         with timer(f"register_{name}"):
             fixed_head, fixed_mask = template_images[name]
+            fixed_brain = fixed_head * fixed_mask
+            initial_xfm = (
+                extraction.linear_xfm
+                if extraction.template == name
+                else write_start(fixed_brain, fixed_mask, brain, work / f"{name}_start.h5")
+            )
             result = engine.register(
-                fixed_head * fixed_mask,
+                fixed_brain,
                 brain,
                 preset=settings.preset,
                 out_prefix=work / f"{name}_",
                 seed=settings.random_seed,
                 fixed_mask=ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX),
                 moving_mask=moving_mask,
-                initial_xfm=linear_xfm if name == first else None,
+                initial_xfm=initial_xfm,
             )
         with timer(f"outputs_{name}"):
             outputs += _write_template_outputs(
@@ -162,6 +202,36 @@ def process_t1w(
     seconds = timer.total()
     log.info("sub-%s: %s done in %.0f s", t1w.subject, t1w.relpath, seconds)
     return T1wOutcome(t1w.relpath, t1w.subject, True, "", tuple(outputs), seconds)
+
+
+def _extract_brain(preproc, settings: Settings, templates: Templates, template_images, work: Path):
+    """Brain extraction with its fallback plan: the extraction template first, then the first
+    output template's head, then the other engine."""
+    from bids_app.brain import brain_template, extract_brain, extraction_plans
+    from bids_app.registration import get_engine
+    from bids_app.settings import ENGINES
+
+    first = settings.templates[0]
+    candidates = []
+    if templates.brain is not None:
+        candidates.append(
+            brain_template(
+                templates.brain.name,
+                _ants_read(templates.brain.t1w_path),
+                _ants_read(templates.brain.mask_path),
+            )
+        )
+    candidates.append(brain_template(first, *template_images[first]))
+    engines = [get_engine(settings.engine)]
+    engines += [get_engine(name) for name in ENGINES if name != settings.engine]
+    plans = extraction_plans(candidates, engines, settings.fallback)
+    return extract_brain(preproc, plans, work / "brain_", settings.random_seed)
+
+
+def _ants_read(path: Path):
+    import ants
+
+    return ants.image_read(str(path))
 
 
 def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
@@ -303,22 +373,18 @@ def _templateflow_uri(template: Template) -> str:
     return f"https://templateflow.s3.amazonaws.com/tpl-{template.name}/{template.t1w_path.name}"
 
 
-def _provenance(t1w, settings, header, stripped_input) -> dict:
+def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:
     from bids_app.registration.base import ENGINES, get_preset
 
     preset = get_preset(settings.engine, settings.preset)
     engine = ENGINES[settings.engine]
     versions = _software_versions(settings.engine)
     return {
-        "SkullStripped": bool(stripped_input),
+        "SkullStripped": extraction.skull_stripped_input,
         "Sources": [drv.bids_uri(t1w.relpath)],
         "SourceOrientation": header.source_orientation,
         "HeaderFixes": list(header.actions),
-        "BrainMaskMethod": (
-            "non-zero voxels of the already skull-stripped input"
-            if stripped_input
-            else "template brain mask brought back by a head-to-template registration"
-        ),
+        "BrainMaskMethod": extraction.method,
         "Registration": {
             "Engine": engine.label,
             "EngineVersion": versions[engine.package],

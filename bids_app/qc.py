@@ -24,6 +24,8 @@ import numpy as np
 
 from bids_app import derivatives as drv
 from bids_app.discovery import T1wInput
+from bids_app.maskcheck import LIMITS as MASK_LIMITS
+from bids_app.maskcheck import OUTSIDE_DISTANCE_MM, check_mask
 from bids_app.settings import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,21 @@ RULES: tuple[Rule, ...] = (
         "the affine part scales or mirrors the brain implausibly (wrong voxel sizes or a "
         "flipped axis in the header?)",
     ),
+    # The native mask against the template's, placed by the final transform's linear part only
+    # (maskcheck.py): fail thresholds are brain extraction's own limits, which decide fallback.
+    Rule(
+        "mask_min_sector_coverage",
+        (MASK_LIMITS["min_sector_coverage"][0] + 0.05, _INF),
+        (MASK_LIMITS["min_sector_coverage"][0], _INF),
+        "the brain mask misses part of the brain (a lobe, the cerebellum): it leaves a sector "
+        "of the template's brain uncovered",
+    ),
+    Rule(
+        "mask_outside_fraction",
+        (-_INF, MASK_LIMITS["outside_fraction"][1] / 2),
+        (-_INF, MASK_LIMITS["outside_fraction"][1]),
+        "the brain mask reaches far outside the brain (skull, neck or eyes included)",
+    ),
     Rule(
         "brain_volume_ml",
         (800.0, 2300.0),
@@ -131,6 +148,12 @@ COLUMNS: dict[str, str] = {
     "affine_volume_ratio": "det of the affine part: the participant's global volume over the "
     "template's; negative when the affine mirrors the brain (a flipped header axis)",
     "brain_volume_ml": "volume of the native brain mask, in millilitres",
+    "mask_min_sector_coverage": "the native brain mask against the template's brain mask placed "
+    "on the T1w by the final transform's linear part (no warp to hide a miss): the smallest "
+    "share of a sector of the template brain (octants, and the quadrants of its lowest quarter, "
+    "where the cerebellum and temporal poles are) that the mask covers",
+    "mask_outside_fraction": "share of the native brain mask lying more than "
+    f"{OUTSIDE_DISTANCE_MM:g} mm outside that placed template brain (skull, neck, eyes)",
     "source_orientation": "voxel axis orientation of the input before it was reoriented to RAS",
     "header_fixes": "what the header check changed ('; '-separated), n/a if nothing",
     "skull_strip": "the skull-strip decision (mode: what was done)",
@@ -363,6 +386,7 @@ def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch
     forward = drv.transform_path(output_dir, t1w, "t1w2std_xfm", space.template)
     native_mask = _load(drv.native_path(output_dir, t1w, "mask"))
     voxel_ml = float(np.prod(native_mask.header.get_zooms()[:3])) / 1000.0
+    mask_check = _mask_check(native_mask, registration_mask, _existing(forward))
     return {
         "ncc": correlation(inside_normalised, inside_template),
         "mi": mi,
@@ -372,7 +396,15 @@ def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch
         "logjac_median": float(q50),
         "logjac_iqr": float(q75 - q25),
         "brain_volume_ml": float((np.asarray(native_mask.dataobj) > 0).sum() * voxel_ml),
+        "mask_min_sector_coverage": mask_check.min_sector_coverage,
+        "mask_outside_fraction": mask_check.outside_fraction,
     }
+
+
+def _mask_check(native_mask, template_mask, forward_xfm: Path):
+    from bids_app.transforms import read_composite
+
+    return check_mask(native_mask, template_mask, read_composite(forward_xfm).linear)
 
 
 def _existing(path: Path) -> Path:

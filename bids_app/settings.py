@@ -16,6 +16,9 @@ ENGINES = ("ants", "greedy")  # registration engines (bids_app.registration.get_
 # fraction of its time; ANTs stays one option away.
 DEFAULT_ENGINE = "greedy"
 SKULL_STRIP_MODES = ("auto", "force", "skip")
+# The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
+# cerebellum); when it is absent and not asked for, the first output template's head is used.
+DEFAULT_BRAIN_TEMPLATE = "OASIS30ANTs"
 
 _SPACE_RE = re.compile(r"^(?P<template>[A-Za-z][A-Za-z0-9]*)(?::res-(?P<res>[0-9]+))?$")
 
@@ -68,6 +71,9 @@ class Settings:
     skull_strip: str = "auto"
     preset: str = "precise"
     engine: str = DEFAULT_ENGINE  # one of ENGINES
+    brain_template: str = DEFAULT_BRAIN_TEMPLATE
+    brain_template_required: bool = False  # True when asked for explicitly: absent is an error
+    fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
 
     @property
