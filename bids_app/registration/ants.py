@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bids_app.errors import RegistrationError
-from bids_app.registration.base import RegistrationResult, by_level, stages_sentence
+from bids_app.registration.base import RegistrationResult, by_level, one_line, stages_sentence
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,11 @@ class Preset:
 
     @property
     def description(self) -> str:
-        """One line, for sidecars and the report's summary."""
-        stages = " -> ".join(stage.summary() for stage in self.stages)
-        return f"{stages} on a {self.grid_mm:g} mm template grid"
+        return one_line(self.stages, self.grid_mm)
 
     def methods(self, masks: bool = True) -> tuple[str, ...]:
-        """The registration as sentences of a methods section; ``[key]`` cites ``references``.
-
-        ``masks``: whether brain masks were given (mninorm's brain-to-template registration)."""
+        """See ``base.EnginePreset``; ``masks``: whether brain masks were given (they are in the
+        brain-to-template registration)."""
         low, high = WINSORIZE_QUANTILES
         clauses = [stage.describe() for stage in self.stages]
         sentences = [

@@ -75,6 +75,11 @@ class EnginePreset(Protocol):
         ...
 
 
+def one_line(stages, grid_mm: float) -> str:
+    """A preset's ``description``: its stages' summaries and its grid."""
+    return " -> ".join(stage.summary() for stage in stages) + f" on a {grid_mm:g} mm template grid"
+
+
 def stages_sentence(tool: str, preset: str, grid_mm: float, clauses: list[str]) -> str:
     """The first sentence of an engine's methods: what ran, on which grid, in which stages.
 
