@@ -80,7 +80,10 @@ def write_participant_report(
         result.record: _draw_figures(output_dir, result, fetch_template) for result in results
     }
     citation = methods_text(output_dir, records, fetch_template)
-    drv.write_text(citation, output_dir / drv.CITATION)
+    if any(record.ok for record in records) or not (output_dir / drv.CITATION).is_file():
+        # A participant whose every T1w failed has no sidecars to tell what ran: the text of one
+        # that succeeded stays (participants' reports are written in any order).
+        drv.write_text(citation, output_dir / drv.CITATION)
     page = render_html(subject, status, results, figures, citation)
     report = drv.write_text(page, drv.report_path(output_dir, subject))
     log.info("sub-%s: QC %s; report %s", subject, status, report)

@@ -153,6 +153,21 @@ def test_report_summary_and_methods_name_the_engine_that_ran(tmp_path, fetch_tem
     assert html.escape(citation.splitlines()[2]) in page
 
 
+def test_a_participant_whose_runs_all_failed_keeps_the_methods_text_of_one_that_ran(
+    tmp_path, fetch_template
+):
+    """Seen on the end-to-end run: sub-03 (a 4D T1w, failed) was reported last and its text,
+    with no sidecar to read, replaced the one written from sub-01's."""
+    template = fetch_template(TEST_TEMPLATE)
+    write_synthetic_outputs(tmp_path, template, subject="01")
+    write_synthetic_outputs(tmp_path, template, subject="02", status="failed")
+    write_participant_report(tmp_path, "01", fetch_template)
+    written = (tmp_path / drv.CITATION).read_text()
+    assert "Brain mask: template brain mask brought back" in written
+    write_participant_report(tmp_path, "02", fetch_template)
+    assert (tmp_path / drv.CITATION).read_text() == written
+
+
 def test_the_brain_mask_sentence_is_what_the_sidecars_recorded(tmp_path, fetch_template):
     template = fetch_template(TEST_TEMPLATE)
     write_synthetic_outputs(tmp_path, template, subject="01", run="1")
