@@ -393,6 +393,12 @@ def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:
             "TemplateGridMM": preset.grid_mm,
             "RandomSeed": settings.random_seed,
             "Threads": settings.omp_nthreads,
+            # How _write_template_outputs resamples (the report's methods text reads this)
+            "OutputInterpolation": {
+                "T1w": "cubic B-spline, negative values set to 0",
+                "BrainMask": "linear, thresholded at 0.5",
+                "LogJacobian": "linear (from the displacement field's grid)",
+            },
         },
         "Software": versions,
     }

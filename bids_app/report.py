@@ -2,8 +2,9 @@
 
 ``write_participant_report(output_dir, subject)`` reads the participant's run records, measures the
 QC (``qc.py``), draws the figures (``figures.py``) into ``sub-<label>/figures/``, writes
-``sub-<label>.html`` at the output root and the methods paragraph ``logs/CITATION.md``. Nothing
-comes from memory of a run, so ``mninorm ... --reports-only`` rebuilds all of it.
+``sub-<label>.html`` at the output root and the methods paragraph ``logs/CITATION.md``
+(``methods.py``). Nothing comes from memory of a run, so ``mninorm ... --reports-only`` rebuilds
+all of it.
 
 The page needs no network: styles and the small script are inline, figures are PNG files next to
 it referred to by relative paths, fonts are the system's.
@@ -12,7 +13,6 @@ it referred to by relative paths, fonts are the system's.
 from __future__ import annotations
 
 import html
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,21 +20,9 @@ from pathlib import Path
 
 from bids_app import __version__, qc
 from bids_app import derivatives as drv
+from bids_app.methods import methods_text, recorded_registration
 
 log = logging.getLogger(__name__)
-
-SOFTWARE_REFERENCES = {
-    "ANTs": "Avants BB, Epstein CL, Grossman M, Gee JC (2008). Symmetric diffeomorphic image "
-    "registration with cross-correlation: evaluating automated labeling of elderly and "
-    "neurodegenerative brain. Medical Image Analysis 12(1):26-41. "
-    "https://doi.org/10.1016/j.media.2007.06.004",
-    "N4": "Tustison NJ, Avants BB, Cook PA, Zheng Y, Egan A, Yushkevich PA, Gee JC (2010). N4ITK: "
-    "improved N3 bias correction. IEEE Transactions on Medical Imaging 29(6):1310-1320. "
-    "https://doi.org/10.1109/TMI.2010.2046908",
-    "TemplateFlow": "Ciric R, Thompson WH, Lorenz R, et al. (2022). TemplateFlow: FAIR-sharing of "
-    "multi-scale, multi-species brain models. Nature Methods 19:1568-1571. "
-    "https://doi.org/10.1038/s41592-022-01681-2",
-}
 
 # QC table of the report: column -> (label, how to show the value)
 QC_ROWS = {
@@ -42,10 +30,10 @@ QC_ROWS = {
     "mi": ("Mutual information (bits)", "{:.3f}"),
     "nmi": ("Normalised mutual information", "{:.3f}"),
     "dice": ("Dice of the brain masks", "{:.3f}"),
-    "jacobian_min": ("Smallest Jacobian determinant (SyN part)", "{:.3f}"),
-    "jacobian_max": ("Largest Jacobian determinant (SyN part)", "{:.3f}"),
+    "jacobian_min": ("Smallest Jacobian determinant (nonlinear part)", "{:.3f}"),
+    "jacobian_max": ("Largest Jacobian determinant (nonlinear part)", "{:.3f}"),
     "folding_fraction": ("Folded voxels (determinant <= 0)", "{:.4%}"),
-    "logjac_median": ("Median log-Jacobian (SyN part)", "{:+.3f}"),
+    "logjac_median": ("Median log-Jacobian (nonlinear part)", "{:+.3f}"),
     "logjac_iqr": ("Interquartile range of the log-Jacobian", "{:.3f}"),
     "affine_volume_ratio": ("Global volume ratio (affine part)", "{:.3f}"),
     "brain_volume_ml": ("Native brain volume (ml)", "{:.0f}"),
@@ -92,7 +80,10 @@ def write_participant_report(
         result.record: _draw_figures(output_dir, result, fetch_template) for result in results
     }
     citation = methods_text(output_dir, records, fetch_template)
-    drv.write_text(citation, output_dir / drv.CITATION)
+    if any(record.ok for record in records) or not (output_dir / drv.CITATION).is_file():
+        # A participant whose every T1w failed has no sidecars to tell what ran: the text of one
+        # that succeeded stays (participants' reports are written in any order).
+        drv.write_text(citation, output_dir / drv.CITATION)
     page = render_html(subject, status, results, figures, citation)
     report = drv.write_text(page, drv.report_path(output_dir, subject))
     log.info("sub-%s: QC %s; report %s", subject, status, report)
@@ -205,85 +196,6 @@ def _figure_list(drawn: _Figures) -> list[str]:
     return paths + list(drawn.logjac.values())
 
 
-# ---- the methods paragraph -------------------------------------------------------------------
-
-
-def methods_text(output_dir: Path, records: list[qc.RunRecord], fetch_template) -> str:
-    """``logs/CITATION.md``: a paragraph to paste into a paper, with its references."""
-    ok = [r for r in records if r.ok] or records
-    first = ok[0]
-    software = first.content.get("Software", {})
-    registration = _space_sidecar(output_dir, first).get("Registration", {})
-    templates = list(dict.fromkeys(t for r in ok for t in qc.spaces_by_template(r)))
-    template_texts, template_refs = [], []
-    for name in templates:
-        try:
-            template = fetch_template(name, 1)
-        except Exception:  # noqa: BLE001 - metadata decorates the text; its absence must not stop it
-            template_texts.append(f"{name} (TemplateFlow identifier {name})")
-            continue
-        template_texts.append(
-            f"the {template.full_name} template (TemplateFlow identifier `{name}`, "
-            f"TemplateFlow version {template.metadata_version})"
-        )
-        template_refs += list(template.citations)
-    stages = registration.get("Stages") or _preset_stages(first.content.get("Preset"))
-    seed = first.content.get("RandomSeed")
-    lines = [
-        "# Methods",
-        "",
-        "T1-weighted images were normalised to standard space with mninorm "
-        f"{software.get('mninorm', __version__)} ({drv.CODE_URL}), which uses ANTs through "
-        f"ANTsPy {software.get('antspyx', 'unknown')} [ANTs], NiBabel "
-        f"{software.get('nibabel', 'unknown')} and TemplateFlow "
-        f"{software.get('templateflow', 'unknown')} [TemplateFlow]. Each image's header was "
-        "checked and the image reoriented to RAS. Intensity non-uniformity was corrected with N4 "
-        "[N4] after truncating intensities to their 0.01-0.999 quantiles. The brain was extracted "
-        "by registering the head to the template head (rigid, affine, then a coarse SyN) and "
-        "bringing the template's brain mask back onto the participant (images that were already "
-        "skull-stripped were used as they were). The brain was then registered to "
-        + _join(template_texts)
-        + f" [Template] with antsRegistration ({stages}; both images masked, histogram matching, "
-        "intensities winsorised to 0.5-99.5%"
-        + (f", random seed {seed}" if seed is not None else "")
-        + "). The T1w was resampled into template space with the composite transform (Lanczos "
-        "windowed-sinc interpolation), and log-Jacobian-determinant maps were computed from the "
-        "transform's displacement field and affine part.",
-        "",
-        "## References",
-        "",
-        *[f"- [{key}] {text}" for key, text in SOFTWARE_REFERENCES.items()],
-        *[f"- [Template] {ref}" for ref in dict.fromkeys(template_refs)],
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _space_sidecar(output_dir: Path, record: qc.RunRecord) -> dict:
-    for template, spaces in qc.spaces_by_template(record).items():
-        path = drv.sidecar_path(drv.space_path(output_dir, record.t1w, "t1w", spaces[0]))
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.debug("no sidecar for %s in %s", template, path)
-    return {}
-
-
-def _preset_stages(preset: str | None) -> str:
-    from bids_app.registration.ants import get_preset
-
-    try:
-        return get_preset(preset or "").description
-    except ValueError:
-        return f"preset {preset}"
-
-
-def _join(items: list[str]) -> str:
-    if len(items) <= 1:
-        return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
 # ---- the page --------------------------------------------------------------------------------
 
 
@@ -367,10 +279,10 @@ def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
                 "<h3>Log-Jacobian (nonlinear part)</h3>"
                 + _figure(
                     drawn.logjac[template],
-                    "Log of the Jacobian determinant of the SyN part, in template space: red where "
-                    "the participant's tissue is larger than the template's, blue where smaller "
-                    "(colour scale +-0.5). Smooth, symmetric blobs are expected; speckle, stripes "
-                    "or saturated patches point to a poor warp.",
+                    "Log of the Jacobian determinant of the nonlinear part, in template space: "
+                    "red where the participant's tissue is larger than the template's, blue where "
+                    "smaller (colour scale +-0.5). Smooth, symmetric blobs are expected; speckle, "
+                    "stripes or saturated patches point to a poor warp.",
                 )
             )
         if space_qc.metrics or space_qc.reasons:
@@ -393,10 +305,7 @@ def _summary_table(record: qc.RunRecord) -> str:
         ("Header fixes", "; ".join(content.get("HeaderFixes") or []) or "none needed"),
         ("Skull strip", content.get("SkullStripDecision")),
         ("Output spaces", ", ".join(content.get("OutputSpaces") or [])),
-        (
-            "Registration",
-            f"preset {content.get('Preset')}: {_preset_stages(content.get('Preset'))}",
-        ),
+        ("Registration", recorded_registration(content).summary()),
         ("Random seed; threads", f"{content.get('RandomSeed')}; {content.get('Threads')}"),
         ("Run time", _seconds(content.get("TotalSeconds"))),
         ("Steps", ", ".join(f"{k} {_seconds(v)}" for k, v in steps.items()) or None),

@@ -65,18 +65,44 @@ def write_itk_composite(path: Path, affine_ras: np.ndarray, field_lps=None) -> P
     return path
 
 
+def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = False) -> dict:
+    """What the pipeline records (``pipeline._provenance``) for a T1w run with this engine and
+    preset: the sidecars' "Registration", "BrainMaskMethod", "Software"..."""
+    from bids_app.images import HeaderReport
+    from bids_app.pipeline import _provenance
+    from bids_app.settings import Settings
+
+    settings = Settings(
+        bids_dir=Path("bids"), output_dir=Path("out"), analysis_level="participant",
+        engine=engine, preset=preset, random_seed=1,
+    )  # fmt: skip
+    header = HeaderReport("LIA", (1.0, 1.0, 1.0), (10, 10, 10), ("reoriented LIA -> RAS",))
+    return _provenance(t1w, settings, header, stripped_input)
+
+
 def write_synthetic_outputs(
-    output_dir: Path, template, subject: str = "01", shift_voxels: int = 0, status: str = "ok"
+    output_dir: Path,
+    template,
+    subject: str = "01",
+    shift_voxels: int = 0,
+    status: str = "ok",
+    engine: str = "greedy",
+    preset: str = "fast",
+    run: str | None = None,
 ) -> Path:
     """A run's outputs for one T1w whose image is the template itself (shifted along y by
-    ``shift_voxels``), with an identity transform. Returns the run record's path."""
+    ``shift_voxels``), with an identity transform, and the sidecars and run record the pipeline
+    writes for a run with ``engine`` and ``preset``. Returns the run record's path."""
     from bids_app.discovery import T1wInput
 
-    relpath = f"sub-{subject}/anat/sub-{subject}_T1w.nii.gz"
-    t1w = T1wInput(subject=subject, path=Path(relpath), relpath=relpath, entities={})
+    name = f"sub-{subject}" + (f"_run-{run}" if run else "") + "_T1w.nii.gz"
+    relpath = f"sub-{subject}/anat/{name}"
+    entities = {"run": run} if run else {}
+    t1w = T1wInput(subject=subject, path=Path(relpath), relpath=relpath, entities=entities)
     space = OutputSpace(template.name)
     head = nib.load(str(template.t1w_path))
     mask = nib.load(str(template.mask_path))
+    provenance = recorded_provenance(t1w, engine, preset)
     record = {
         "Source": drv.bids_uri(relpath),
         "SourceOrientation": "LIA",
@@ -89,7 +115,8 @@ def write_synthetic_outputs(
         "Error": None if status == "ok" else "a T1w must be a 3D image",
         "TotalSeconds": 3.1,
         "OutputSpaces": [str(space)],
-        "Preset": "fast",
+        "Preset": preset,
+        "Engine": engine,
         "RandomSeed": 1,
         "Threads": 1,
         "Outputs": [],
@@ -104,6 +131,11 @@ def write_synthetic_outputs(
     anat.mkdir(parents=True, exist_ok=True)
     nib.save(head, drv.native_path(output_dir, t1w, "t1w"))
     nib.save(mask, drv.native_path(output_dir, t1w, "mask"))
+    drv.write_json(provenance, drv.sidecar_path(drv.native_path(output_dir, t1w, "t1w")))
+    drv.write_json(
+        {"Type": "Brain", "Method": provenance["BrainMaskMethod"]},
+        drv.sidecar_path(drv.native_path(output_dir, t1w, "mask")),
+    )
 
     def shifted(img, dtype):
         data = np.roll(np.asarray(img.dataobj).astype(dtype), shift_voxels, axis=1)
@@ -117,8 +149,9 @@ def write_synthetic_outputs(
     write_itk_composite(
         drv.transform_path(output_dir, t1w, "t1w2std_xfm", template.name), np.eye(4)
     )
-    (drv.sidecar_path(drv.space_path(output_dir, t1w, "t1w", space))).write_text(
-        json.dumps({"Registration": {"Stages": "rigid -> affine -> SyN (test)"}})
+    drv.write_json(
+        {"Registration": provenance["Registration"], "Software": provenance["Software"]},
+        drv.sidecar_path(drv.space_path(output_dir, t1w, "t1w", space)),
     )
     return record_path
 

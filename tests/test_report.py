@@ -96,7 +96,7 @@ def test_report_figures_and_methods_are_written_from_disk(synthetic):
     citation = (synthetic / "logs" / "CITATION.md").read_text()
     assert f"TemplateFlow identifier `{SPACE}`" in citation
     assert "https://doi.org/10.1016/j.neuroimage.2010.07.033" in citation  # template metadata
-    assert "rigid -> affine -> SyN (test)" in citation  # from the space sidecar
+    assert "Registration used Greedy [Greedy]" in citation  # the engine the run record names
     assert "N4" in citation and "10.1038/s41592-022-01681-2" in citation
     page = report.report.read_text()
     assert "reoriented LIA -&gt; RAS" in page  # header fixes in the summary

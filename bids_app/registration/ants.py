@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bids_app.errors import RegistrationError
-from bids_app.registration.base import RegistrationResult
+from bids_app.registration.base import RegistrationResult, by_level, one_line, stages_sentence
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,97 @@ class Stage:
             "--smoothing-sigmas", "x".join(f"{s:g}" for s in self.smoothing_vox) + "vox",
         ] + (["--masks", masks] if masks else [])  # fmt: skip
 
+    @property
+    def kind(self) -> str:
+        return self.transform.split("[")[0]
+
+    @property
+    def transform_parameters(self) -> tuple[str, ...]:
+        return tuple(self.transform.split("[", 1)[1].rstrip("]").split(","))
+
+    def summary(self) -> str:
+        """E.g. 'affine (Mattes MI)' or 'SyN (CC radius 2)'."""
+        metric = (
+            "Mattes MI" if self.metric == "MI" else f"{self.metric} radius {self.metric_parameter}"
+        )
+        return f"{_TRANSFORM_WORDS[self.kind]} ({metric})"
+
+    def describe(self) -> str:
+        """The stage as a methods clause: transform, metric, iterations, pyramid."""
+        step, *field_variances = self.transform_parameters
+        transform = f"{_TRANSFORM_WORDS[self.kind]} (gradient step {step}"
+        if self.kind == "SyN":
+            update, total = field_variances
+            total = "not smoothed" if float(total) == 0 else f"smoothed likewise, variance {total}"
+            transform += (
+                f"; update field smoothed by a Gaussian of variance {update} voxels squared, "
+                f"total field {total}) [SyN]"
+            )
+        else:
+            transform += ")"
+        if self.metric == "MI":
+            metric = (
+                f"Mattes mutual information, {self.metric_parameter} bins, "
+                f"{self.sampling:.0%} of the voxels sampled on a regular grid"
+            )
+        else:
+            metric = f"neighbourhood cross-correlation, radius {self.metric_parameter} voxels"
+        return (
+            f"{transform} with {metric}; {by_level(self.iterations)} iterations at shrink "
+            f"factors {by_level(self.shrink_factors)}, Gaussian smoothing "
+            f"{by_level(self.smoothing_vox)} voxels"
+        )
+
+
+_TRANSFORM_WORDS = {"Rigid": "rigid", "Affine": "affine", "SyN": "SyN"}
+
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     grid_mm: float  # the template is resampled to this grid first: the SyN field lives on it
     stages: tuple[Stage, ...]
-    description: str
+
+    @property
+    def description(self) -> str:
+        return one_line(self.stages, self.grid_mm)
+
+    def methods(self, masks: bool = True) -> tuple[str, ...]:
+        """See ``base.EnginePreset``; ``masks``: whether brain masks were given (they are in the
+        brain-to-template registration)."""
+        low, high = WINSORIZE_QUANTILES
+        clauses = [stage.describe() for stage in self.stages]
+        sentences = [
+            stages_sentence("antsRegistration (ANTs)", self.name, self.grid_mm, clauses),
+            f"Intensities were winsorised to their {low:.1%}-{high:.1%} quantiles"
+            + (", histogram matching was used" if HISTOGRAM_MATCHING else "")
+            + (" and the metric was restricted to the brain masks of both images" if masks else "")
+            + ".",
+        ]
+        thresholds = {stage.convergence for stage in self.stages}
+        if len(thresholds) == 1:
+            threshold, window = thresholds.pop().split(",")
+            sentences.append(
+                "Each level stopped at its iteration limit or once the metric changed by less "
+                f"than {threshold} over {window} iterations."
+            )
+        return tuple(sentences)
+
+    @property
+    def references(self) -> dict[str, str]:
+        return REFERENCES
+
+
+# What every registration of this engine does besides its stages (``AntsEngine.register``).
+WINSORIZE_QUANTILES = (0.005, 0.995)
+HISTOGRAM_MATCHING = True
+
+REFERENCES = {
+    "SyN": "Avants BB, Epstein CL, Grossman M, Gee JC (2008). Symmetric diffeomorphic image "
+    "registration with cross-correlation: evaluating automated labeling of elderly and "
+    "neurodegenerative brain. Medical Image Analysis 12(1):26-41. "
+    "https://doi.org/10.1016/j.media.2007.06.004",
+}
 
 
 def _linear(kind: str, iterations, shrink, smoothing, sampling=0.25) -> Stage:
@@ -65,7 +149,6 @@ PRESETS: dict[str, Preset] = {
                 _linear("Affine", (500, 250, 100), (4, 2, 1), (2, 1, 0)),
                 Stage("SyN[0.2,3,0]", "CC", 2, (100, 70, 20), (4, 2, 1), (2, 1, 0)),
             ),
-            description="rigid -> affine (Mattes MI) -> SyN (CC radius 2) on a 2 mm template grid",
         ),
         Preset(
             "fast",
@@ -77,7 +160,6 @@ PRESETS: dict[str, Preset] = {
                 _linear("Affine", (500, 250, 100), (4, 2, 1), (2, 1, 0)),
                 Stage("SyN[0.25,3,0]", "CC", 2, (30, 15), (2, 1), (1, 0)),
             ),
-            description="rigid -> affine (Mattes MI) -> SyN (CC radius 2) on a 3 mm template grid",
         ),
         # Internal, for template-based brain extraction: head to template head, linear then SyN.
         Preset(
@@ -87,13 +169,11 @@ PRESETS: dict[str, Preset] = {
                 _linear("Rigid", (200, 100), (2, 1), (1, 0)),
                 _linear("Affine", (200, 100), (2, 1), (1, 0)),
             ),
-            description="head to template head, linear",
         ),
         Preset(
             "head-syn",
             grid_mm=4.0,
             stages=(Stage("SyN[0.25,3,0]", "CC", 2, (20, 10), (2, 1), (1, 0)),),
-            description="head to template head, deformable refinement",
         ),
     )
 }
@@ -157,8 +237,8 @@ class AntsEngine:
             "--write-composite-transform", "1",
             "--output", f"[{out_prefix}]",
             "--interpolation", "Linear",
-            "--winsorize-image-intensities", "[0.005,0.995]",
-            "--use-histogram-matching", "1",
+            "--winsorize-image-intensities", "[{:g},{:g}]".format(*WINSORIZE_QUANTILES),
+            "--use-histogram-matching", str(int(HISTOGRAM_MATCHING)),
             "--random-seed", str(seed),
             "--initial-moving-transform", initial,
             "--verbose", "1" if log.isEnabledFor(logging.DEBUG) else "0",

@@ -54,6 +54,52 @@ class RegistrationEngine(Protocol):
         ...
 
 
+class EnginePreset(Protocol):
+    """What every engine's preset tells about itself (its stages are the engine's own kind)."""
+
+    name: str
+    grid_mm: float  # the template is resampled to this grid first: the warp lives on it
+
+    @property
+    def description(self) -> str:
+        """One line, e.g. 'affine (NMI) -> ... on a 3 mm template grid' (sidecars, report)."""
+        ...
+
+    def methods(self, masks: bool = True) -> tuple[str, ...]:
+        """Sentences of a methods section, citing ``[key]`` of ``references``."""
+        ...
+
+    @property
+    def references(self) -> dict[str, str]:
+        """The engine's references: key -> full reference."""
+        ...
+
+
+def one_line(stages, grid_mm: float) -> str:
+    """A preset's ``description``: its stages' summaries and its grid."""
+    return " -> ".join(stage.summary() for stage in stages) + f" on a {grid_mm:g} mm template grid"
+
+
+def stages_sentence(tool: str, preset: str, grid_mm: float, clauses: list[str]) -> str:
+    """The first sentence of an engine's methods: what ran, on which grid, in which stages.
+
+    Every engine registers on the template resampled by ``ants.fixed_on_grid``."""
+    count = _NUMBERS.get(len(clauses), str(len(clauses)))
+    return (
+        f"Registration used {tool}, preset `{preset}`, on the template resampled to a "
+        f"{grid_mm:g} mm grid (templates with coarser voxels were used as they were), in "
+        f"{count} stage{'s' if len(clauses) != 1 else ''}: " + "; then ".join(clauses) + "."
+    )
+
+
+_NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+def by_level(values) -> str:
+    """Per-level values as the engines' command lines write them, e.g. '100x50x10'."""
+    return "x".join(f"{v:g}" for v in values)
+
+
 def get_engine(name: str = "ants") -> RegistrationEngine:
     if name == "ants":
         from bids_app.registration.ants import AntsEngine
@@ -66,8 +112,8 @@ def get_engine(name: str = "ants") -> RegistrationEngine:
     raise ValueError(f"unknown registration engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 
-def get_preset(engine: str, name: str):
-    """An engine's named preset (``name``, ``grid_mm``, ``description``, and its stages)."""
+def get_preset(engine: str, name: str) -> EnginePreset:
+    """An engine's named preset: its stages, and how it describes and cites itself."""
     if engine == "ants":
         from bids_app.registration.ants import get_preset as ants_preset
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from bids_app.errors import RegistrationError
 from bids_app.registration.ants import as_pixeltype, fixed_on_grid
-from bids_app.registration.base import RegistrationResult
+from bids_app.registration.base import RegistrationResult, by_level, one_line, stages_sentence
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ class AffineStage:
     def arguments(self) -> list[str]:
         levels = _levels(self.iterations)
         return ["-a", "-dof", str(self.dof), "-m", *self.metric.split(), "-n", levels]
+
+    def summary(self) -> str:
+        return f"{_DOF_WORDS[self.dof]} ({self.metric})"
+
+    def describe(self) -> str:
+        """The stage as a methods clause."""
+        name, *radius = self.metric.split()
+        metric = _METRIC_WORDS[name] + (f", radius {radius[0]} voxels" if radius else "")
+        return (
+            f"{_DOF_WORDS[self.dof]} ({self.dof} degrees of freedom) with {metric}; "
+            f"{_pyramid(self.iterations)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,27 @@ class DeformableStage:
             *(["-sv"] if self.stationary_velocity else []),
         ]  # fmt: skip
 
+    def summary(self) -> str:
+        if self.stationary_velocity:
+            return f"diffeomorphic (stationary velocity, NCC radius {self.ncc_radius})"
+        return f"greedy diffeomorphic (NCC radius {self.ncc_radius})"
+
+    def describe(self) -> str:
+        """The stage as a methods clause."""
+        model = (
+            "the warp being the exponential of a stationary velocity field"
+            if self.stationary_velocity
+            else "the warp composed of small greedy updates"
+        )
+        update, warp = (_voxels(sigma) for sigma in self.smoothing)
+        window = 2 * self.ncc_radius + 1
+        return (
+            f"diffeomorphic ({model}; step size {self.step:g}; update field smoothed by a Gaussian "
+            f"of standard deviation {update}, the warp by one of {warp}) with normalised "
+            f"cross-correlation in a {window}x{window}x{window}-voxel window (radius "
+            f"{self.ncc_radius}); {_pyramid(self.iterations)}"
+        )
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -80,11 +113,63 @@ class Preset:
     grid_mm: float  # the template is resampled to this grid first: the warp lives on it
     affine: AffineStage | None
     deformable: DeformableStage | None
-    description: str
+
+    @property
+    def stages(self) -> tuple:
+        return tuple(stage for stage in (self.affine, self.deformable) if stage is not None)
+
+    @property
+    def description(self) -> str:
+        return one_line(self.stages, self.grid_mm)
+
+    def methods(self, masks: bool = True) -> tuple[str, ...]:
+        """See ``base.EnginePreset``; ``masks``: whether brain masks were given (they are in the
+        brain-to-template registration)."""
+        clauses = [stage.describe() for stage in self.stages]
+        tool = f"Greedy [Greedy] through its Python bindings ({PACKAGE})"
+        sentences = [stages_sentence(tool, self.name, self.grid_mm, clauses)]
+        if masks:  # GreedyEngine.register does not pass the moving image's mask on
+            sentences.append("The metric was restricted to the template's brain mask.")
+        return tuple(sentences)
+
+    @property
+    def references(self) -> dict[str, str]:
+        return REFERENCES
+
+
+REFERENCES = {
+    # The reference the Greedy project asks users to cite (its documentation's "cite" page).
+    "Greedy": "Yushkevich PA, Pluta J, Wang H, Wisse LEM, Das S, Wolk D (2016). IC-P-174: Fast "
+    "automatic segmentation of hippocampal subfields and medial temporal lobe subregions in 3 "
+    "Tesla and 7 Tesla T2-weighted MRI. Alzheimer's & Dementia 12(7S):P126-P127. "
+    "https://doi.org/10.1016/j.jalz.2016.06.205",
+}
+
+_DOF_WORDS = {6: "rigid", 7: "similarity", 12: "affine"}
+_METRIC_WORDS = {
+    "NMI": "normalised mutual information",
+    "MI": "mutual information",
+    "SSD": "sum of squared differences",
+    "NCC": "normalised cross-correlation",
+}
 
 
 def _levels(iterations: tuple[int, ...]) -> str:
     return "x".join(map(str, iterations))
+
+
+def _pyramid(iterations: tuple[int, ...]) -> str:
+    """Greedy's -n: one level per entry, coarsest first, each halving the resolution."""
+    shrink = [2 ** (len(iterations) - 1 - level) for level in range(len(iterations))]
+    return f"{by_level(iterations)} iterations at shrink factors {by_level(shrink)}"
+
+
+def _voxels(sigma: str) -> str:
+    """Greedy's '1.732vox' or '2mm' in words."""
+    for unit, word in (("vox", "voxels"), ("mm", "mm")):
+        if sigma.endswith(unit):
+            return f"{sigma[: -len(unit)]} {word}"
+    return sigma
 
 
 PRESETS: dict[str, Preset] = {
@@ -104,16 +189,12 @@ PRESETS: dict[str, Preset] = {
             # folding. For `fast` (3 mm grid) -sv did better: 0.37/0.55/0.50 mm against
             # 0.42/0.59/0.50 without it.
             deformable=DeformableStage(2, (100, 50, 10), stationary_velocity=False),
-            description="affine (NMI) -> greedy diffeomorphic (NCC radius 2) on a 1.5 mm template "
-            "grid",
         ),
         Preset(
             "fast",
             grid_mm=3.0,
             affine=AffineStage("NMI", (100, 50), initialisation="moments"),
             deformable=DeformableStage(2, (100, 50)),
-            description="affine (NMI) -> diffeomorphic (stationary velocity, NCC radius 2) on a "
-            "3 mm template grid",
         ),
         # Internal, for template-based brain extraction: head to template head, linear then warp.
         Preset(
@@ -121,14 +202,12 @@ PRESETS: dict[str, Preset] = {
             grid_mm=4.0,
             affine=AffineStage("NMI", (100, 50)),
             deformable=None,
-            description="head to template head, affine",
         ),
         Preset(
             "head-syn",
             grid_mm=4.0,
             affine=None,
             deformable=DeformableStage(2, (40, 20)),
-            description="head to template head, deformable refinement",
         ),
     )
 }
