@@ -22,7 +22,7 @@ from bids_app.settings import (
     SKULL_STRIP_MODES,
     Settings,
     check_folders,
-    parse_output_space,
+    parse_output_spaces,
 )
 
 log = logging.getLogger("bids_app")
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-spaces", nargs="+", default=[DEFAULT_SPACE], metavar="SPACE",
         help="TemplateFlow templates, each optionally with a resolution index: "
         "MNI152NLin2009cAsym, MNI152NLin6Asym:res-2 (res-N is TemplateFlow's index, not mm; "
-        f"default {DEFAULT_SPACE} on its res-1 grid)",
+        f"default {DEFAULT_SPACE} on its res-1 grid). T1w (fMRIPrep's name for the native space) "
+        "is accepted and adds nothing: the native outputs are always written",
     )  # fmt: skip
     method.add_argument(
         "--preset", choices=PRESETS, default="precise",
@@ -172,7 +173,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         # The group level reads output_dir (and participants.tsv only for --group-by): it may run
         # where the input dataset is not.
         check_folders(args.bids_dir, args.output_dir, args.work_dir)
-    spaces = tuple(dict.fromkeys(parse_output_space(s) for s in args.output_spaces))
+    spaces = parse_output_spaces(args.output_spaces)
     omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
     return Settings(
         bids_dir=args.bids_dir.resolve(),

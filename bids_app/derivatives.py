@@ -51,29 +51,44 @@ FIGURE_OUTPUTS = {
 REPORT = "sub-{subject}.html"
 CITATION = "logs/CITATION.md"
 RUN_RECORD = "desc-mninorm_run.json"
+# Folder names carry no trailing slash: bids-validator-deno (3.0) does not ignore a folder itself
+# with "figures/" (it reports "sub-01/figures/" as NOT_INCLUDED); "figures" matches the folder and
+# everything in it, with every gitignore-style matcher.
 BIDSIGNORE = (
-    "*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures/", "log/", "logs/", "*.html", "group/",
+    "*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures", "log", "logs", "*.html", "group",
 )  # fmt: skip
 
 # Group level (bids_app/group/): everything in output_dir/group/ (ignored by the validator: BIDS has
 # no group-level names), plus output_dir/group.html. {space}: "<template>[_res-N]"; {jacobian}:
 # "total" or "nonlinear"; {contrast}: the --group-by column, alphanumerics only.
+# No group output shares a suffix with a participant output (T1w, mask, logjacobian, xfm, qc), so
+# that a pybids query such as get(suffix="T1w") on output_dir finds participants' files only:
+# voxel-wise statistics are "statmap"s whose desc- names the maps they summarise.
 GROUP_DIR = "group"
 GROUP_REPORT = "group.html"
 GROUP_TABLES = {
-    "qc": "desc-mninorm_qc.tsv",
-    "qc_sidecar": "desc-mninorm_qc.json",
+    "qc": "desc-mninorm_groupqc.tsv",
+    "qc_sidecar": "desc-mninorm_groupqc.json",
 }
 GROUP_SPACE_OUTPUTS = {
-    "t1w_mean": "space-{space}_stat-mean_T1w.nii.gz",
-    "t1w_sd": "space-{space}_stat-sd_T1w.nii.gz",
+    "t1w_mean": "space-{space}_stat-mean_desc-T1w_statmap.nii.gz",
+    "t1w_sd": "space-{space}_stat-sd_desc-T1w_statmap.nii.gz",
     "brain_probseg": "space-{space}_label-brain_probseg.nii.gz",
-    "logjac_mean": "space-{space}_stat-mean_desc-{jacobian}_logjacobian.nii.gz",
-    "logjac_sd": "space-{space}_stat-sd_desc-{jacobian}_logjacobian.nii.gz",
+    "logjac_mean": "space-{space}_stat-mean_desc-{jacobian}_statmap.nii.gz",
+    "logjac_sd": "space-{space}_stat-sd_desc-{jacobian}_statmap.nii.gz",
     "t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}_statmap.nii.gz",
     "effect": "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}_statmap.nii.gz",
     "F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}_statmap.nii.gz",
 }
+# Names of mninorm 0.1's group outputs, which pybids took for participants' T1w, logjacobian and qc
+# files: the group level removes them (it rewrites their content under the names above).
+LEGACY_GROUP_SPACE_OUTPUTS = {
+    "t1w_mean": "space-{space}_stat-mean_T1w.nii.gz",
+    "t1w_sd": "space-{space}_stat-sd_T1w.nii.gz",
+    "logjac_mean": "space-{space}_stat-mean_desc-{jacobian}_logjacobian.nii.gz",
+    "logjac_sd": "space-{space}_stat-sd_desc-{jacobian}_logjacobian.nii.gz",
+}
+LEGACY_GROUP_TABLES = ("desc-mninorm_qc.tsv", "desc-mninorm_qc.json")
 
 
 def source_prefix(t1w: T1wInput) -> str:
@@ -166,6 +181,13 @@ def _group_name_pattern(template: str) -> re.Pattern:
 
 
 _GROUP_PATTERNS = {kind: _group_name_pattern(t) for kind, t in GROUP_SPACE_OUTPUTS.items()}
+_LEGACY_GROUP_PATTERNS = [_group_name_pattern(t) for t in LEGACY_GROUP_SPACE_OUTPUTS.values()]
+
+
+def is_legacy_group_output(name: str) -> bool:
+    """True for a group map, sidecar or table under a name an older mninorm used (see
+    ``LEGACY_GROUP_SPACE_OUTPUTS``)."""
+    return name in LEGACY_GROUP_TABLES or any(p.match(name) for p in _LEGACY_GROUP_PATTERNS)
 
 
 def parse_group_output(name: str) -> tuple[str, str, str | None] | None:
@@ -222,6 +244,14 @@ def atomic_path(path: Path):
 
 
 def write_nifti(img, path: Path) -> Path:
+    """Write ``img`` atomically, its spatial units set to millimetres (in ``img``'s header too).
+
+    Every image mninorm writes is on a grid in RAS millimetres; left "unknown", viewers guess and
+    the BIDS validator warns (NIFTI_UNIT). The time unit is kept as it is.
+    """
+    header = img.header
+    if hasattr(header, "set_xyzt_units"):  # NIfTI-1 and NIfTI-2
+        header.set_xyzt_units(xyz="mm", t=header.get_xyzt_units()[1])
     with atomic_path(path) as tmp:
         img.to_filename(str(tmp))
     return path

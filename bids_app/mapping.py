@@ -17,10 +17,11 @@ import numpy as np
 
 from bids_app.errors import MissingInputError, NothingMatchedError, UsageError
 from bids_app.images import lps_ras_flip
+from bids_app.settings import NATIVE_SPACE
 
 log = logging.getLogger(__name__)
 
-NATIVE = "T1w"
+NATIVE = NATIVE_SPACE
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _one(layout, query: dict, what: str) -> Path:
         )
     if len(found) > 1:
         names = ", ".join(Path(f).name for f in found)
-        raise UsageError(f"several T1ws match ({names}): choose one with --session / --run")
+        raise UsageError(f"several T1ws match ({names}): choose one with --session-label / --run")
     return Path(found[0])
 
 

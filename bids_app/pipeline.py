@@ -257,7 +257,9 @@ def _write_native(t1w, settings, preproc, mask, provenance) -> list[Path]:
     )
     drv.write_json(
         {
+            "Description": "Brain mask of the T1w, on the grid of its desc-preproc_T1w",
             "Type": "Brain",
+            "SpatialReference": drv.derivative_uri(out, t1w_path),
             "Sources": [drv.derivative_uri(out, t1w_path)],
             "RawSources": provenance["Sources"],
             "Method": provenance["BrainMaskMethod"],
@@ -326,7 +328,11 @@ def _clip_negative(image):
     return image.new_image_like(np.maximum(image.numpy(), 0))
 
 
-_JACOBIAN_DESCRIPTIONS = {
+_SPACE_DESCRIPTIONS = {
+    "t1w": "The bias-corrected T1w (desc-preproc_T1w) resampled onto the template grid with the "
+    "from-T1w_to-<template> transform in Sources.",
+    "mask": "The native brain mask (desc-brain_mask) resampled onto the template grid with the "
+    "from-T1w_to-<template> transform in Sources.",
     "logjac_nonlinear": (
         "Natural log of the Jacobian determinant of the nonlinear (SyN) part of the "
         "template-to-T1w mapping, in template space: > 0 where the participant's tissue is larger "
@@ -361,8 +367,8 @@ def _space_sidecar(kind, space, template, provenance, forward, out) -> dict:
             f"TemplateFlow res-{space.resolution:02d} grid of {template.name}: "
             f"{'x'.join(f'{z:g}' for z in template.zooms_mm)} mm voxels"
         )
-    if kind in _JACOBIAN_DESCRIPTIONS:
-        sidecar["Description"] = _JACOBIAN_DESCRIPTIONS[kind]
+    sidecar["Description"] = _SPACE_DESCRIPTIONS[kind]
+    if kind.startswith("logjac"):
         sidecar["Units"] = "log(volume ratio)"
     if kind == "mask":
         sidecar["Type"] = "Brain"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_app.errors import MissingInputError, UsageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
@@ -19,6 +22,9 @@ SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
 # cerebellum); when it is absent and not asked for, the first output template's head is used.
 DEFAULT_BRAIN_TEMPLATE = "OASIS30ANTs"
+# The participant's own (native) space, as fMRIPrep and our transform names spell it
+# (from-T1w_to-<TPL>); accepted in any case on the command lines.
+NATIVE_SPACE = "T1w"
 
 _SPACE_RE = re.compile(r"^(?P<template>[A-Za-z][A-Za-z0-9]*)(?::res-(?P<res>[0-9]+))?$")
 
@@ -42,6 +48,11 @@ class OutputSpace:
         )
 
 
+def is_native_space(text: str) -> bool:
+    """``T1w`` in any spelling (t1w, T1W): the participant's own space, not a template."""
+    return text.strip().lower() == NATIVE_SPACE.lower()
+
+
 def parse_output_space(text: str) -> OutputSpace:
     """Parse ``Template[:res-N]`` (for example ``MNI152NLin6Asym:res-2``)."""
     match = _SPACE_RE.match(text.strip())
@@ -51,7 +62,28 @@ def parse_output_space(text: str) -> OutputSpace:
             "resolution index, e.g. MNI152NLin2009cAsym or MNI152NLin6Asym:res-2"
         )
     res = match.group("res")
+    if res is not None and is_native_space(match.group("template")):
+        raise UsageError(
+            f"output space {text!r}: {NATIVE_SPACE} takes no resolution index (the native outputs "
+            "are on the T1w's own grid); write just T1w, or leave it out"
+        )
     return OutputSpace(match.group("template"), int(res) if res is not None else None)
+
+
+def parse_output_spaces(texts) -> tuple[OutputSpace, ...]:
+    """The template spaces of ``--output-spaces``, each once, in the order given.
+
+    ``T1w`` (fMRIPrep's name for the native space) is accepted and adds no space: the native
+    outputs are always written. When it is the only one, the default template is used.
+    """
+    spaces = tuple(dict.fromkeys(parse_output_space(t) for t in texts if not is_native_space(t)))
+    if spaces:
+        return spaces
+    log.info(
+        "--output-spaces names no template: %s is used (the %s outputs are always written)",
+        DEFAULT_SPACE, NATIVE_SPACE,
+    )  # fmt: skip
+    return (OutputSpace(DEFAULT_SPACE),)
 
 
 @dataclass(frozen=True)

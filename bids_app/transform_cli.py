@@ -1,8 +1,8 @@
 """``mninorm-transform``: coordinates and images between a participant's T1w space and a template
 space, using the transforms in an mninorm output folder. Coordinates are RAS+ millimetres.
 
-Exit codes as ``mninorm`` (see ``errors.ExitCode``): 0 ok, 18 nothing matched, 64 usage,
-66 missing input, 69 template unavailable.
+Exit codes are ``errors.ExitCode``'s; ``EXIT_CODES`` says which this command returns (its --help
+prints them); ``main`` is the one place that turns errors into them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +18,63 @@ import numpy as np
 from bids_app import __version__
 from bids_app.cli import UsageExitParser, configure_logging
 from bids_app.errors import ExitCode, MissingInputError, MninormError, UsageError
+from bids_app.settings import NATIVE_SPACE, is_native_space
 
 log = logging.getLogger("bids_app")
 DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"
+
+EXIT_CODES = (
+    (ExitCode.OK, "success"),
+    (ExitCode.PARTICIPANT_FAILED, "any other error (an unexpected one shows a traceback: please "
+     "report it)"),
+    (ExitCode.NOTHING_MATCHED, "no such participant in output_dir (the message lists those there)"),
+    (ExitCode.USAGE, "usage error: an unknown option or value, --from-space and --to-space not "
+     "one T1w and one template, several T1ws match (choose with --session-label / --run), a "
+     "table without the needed columns, an image that is not 3D"),
+    (ExitCode.MISSING_INPUT, "a file is missing: the input table or image, output_dir's "
+     "dataset_description.json, the participant's transform or native T1w for this template, a "
+     "TemplateFlow atlas"),
+    (ExitCode.TEMPLATE_UNAVAILABLE, "the template grid is not in TEMPLATEFLOW_HOME and cannot be "
+     "downloaded"),
+    (ExitCode.INTERRUPTED, "interrupted (Ctrl-C)"),
+)  # fmt: skip
+
+
+def _exit_code_table() -> str:
+    rows = [
+        # break_on_hyphens=False keeps option names such as --session-label whole
+        textwrap.fill(meaning, width=79, initial_indent=f"  {int(code):>3}  ",
+                      subsequent_indent=" " * 7, break_on_hyphens=False)
+        for code, meaning in EXIT_CODES
+    ]  # fmt: skip
+    return "\n".join(["exit codes:", *rows])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageExitParser(
         prog="mninorm-transform",
-        description="Map coordinates and images between a participant's T1w space and a "
-        "template space with the transforms mninorm wrote. Coordinates are RAS+ mm "
-        "(scanner/NIfTI/MNI convention).",
+        description=textwrap.fill(
+            "Map coordinates and images between a participant's T1w space and a template space "
+            "with the transforms mninorm wrote. Coordinates are RAS+ mm (scanner/NIfTI/MNI "
+            "convention). Run 'mninorm-transform COMMAND --help' for a command's options.",
+            width=79,
+        ),
+        epilog=_exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the table's lines
     )
-    parser.add_argument("--version", action="version", version=f"mninorm {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}",
+        help="print the version and exit",
+    )  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages")
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=0, help="fewer messages (-qq: errors only)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=UsageExitParser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=UsageExitParser, metavar="COMMAND",
+        title="commands",
+    )  # fmt: skip
 
     points = commands.add_parser("points", help="map a table of coordinates (x, y, z columns)")
     _participant_options(points)
@@ -47,18 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     coords = commands.add_parser("coords", help="voxel indices <-> world coordinates of an image")
-    coords.add_argument("image", type=Path)
+    coords.add_argument("image", type=Path, help="the NIfTI whose voxel grid is meant")
     coords.add_argument("input", type=Path, help="TSV/CSV with columns i, j, k (or x, y, z)")
-    coords.add_argument("output", type=Path)
-    coords.add_argument("--to", choices=("world", "voxels"), required=True)
+    coords.add_argument("output", type=Path, help="TSV: the input columns plus the converted ones")
+    coords.add_argument(
+        "--to", choices=("world", "voxels"), required=True,
+        help="world: i, j, k -> x, y, z (RAS+ mm); voxels: x, y, z -> i, j, k",
+    )  # fmt: skip
 
     image = commands.add_parser("image", help="warp an image into a template or onto the T1w")
     _participant_options(image)
     image.add_argument("input", type=Path, help="a 3D NIfTI in the --from-space")
     image.add_argument("output", type=Path, help="the warped NIfTI")
     image.add_argument(
-        "--res", type=int, default=1, help="TemplateFlow resolution index of the template grid"
-    )
+        "--res", type=int, default=1,
+        help="TemplateFlow resolution index of the template grid (default 1; not mm)",
+    )  # fmt: skip
     image.add_argument(
         "--interpolation", default="auto",
         choices=("auto", "label", "nearest", "linear", "bspline", "lanczos"),
@@ -77,31 +124,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _space(text: str) -> str:
+    """T1w in any spelling (t1w, T1W) is the native space; a template identifier is kept as it is
+    (TemplateFlow's identifiers are case-sensitive)."""
+    return NATIVE_SPACE if is_native_space(text) else text.strip()
+
+
+# The BIDS entities that pick one T1w's transforms: options, label prefix, what, required.
+_ENTITY_OPTIONS = (
+    (("--participant-label", "--participant_label"), "sub", "the participant", True),
+    (("--session-label", "--session_label"), "ses", "the session (if there are several)", False),
+    (("--run",), "run", "the run (if there are several)", False),
+)
+
+
 def _participant_options(parser, spaces: bool = True) -> None:
     parser.add_argument("output_dir", type=Path, help="an mninorm output folder")
-    parser.add_argument("--participant-label", "--participant_label", required=True)
-    parser.add_argument("--session-label", "--session_label")
-    parser.add_argument("--run")
+    for flags, prefix, what, required in _ENTITY_OPTIONS:
+        parser.add_argument(
+            *flags, required=required, metavar="LABEL", help=f"{what}, with or without '{prefix}-'"
+        )
     if spaces:
-        parser.add_argument("--from-space", required=True, help="T1w or a template identifier")
-        parser.add_argument("--to-space", required=True, help="T1w or a template identifier")
+        for option, what in (("--from-space", "the input's"), ("--to-space", "the output's")):
+            parser.add_argument(
+                option, required=True, type=_space, metavar="SPACE",
+                help=f"{what} space: T1w (the participant's native space; any case) or a "
+                "template identifier such as MNI152NLin2009cAsym; one of the two must be T1w",
+            )  # fmt: skip
     else:
-        parser.add_argument("--template", default=DEFAULT_TEMPLATE)
+        parser.add_argument(
+            "--template", default=DEFAULT_TEMPLATE,
+            help=f"the template the atlas is in (default {DEFAULT_TEMPLATE})",
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(0)
+    configure_logging(args.verbose - args.quiet)
+    run = {"points": run_points, "coords": run_coords, "image": run_image, "rois": run_rois}
     try:
-        {"points": run_points, "coords": run_coords, "image": run_image, "rois": run_rois}[
-            args.command
-        ](args)
+        run[args.command](args)
         return int(ExitCode.OK)
     except MninormError as err:
         if args.debug:
             raise
         log.error("%s", err)
         return int(err.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return int(ExitCode.INTERRUPTED)
 
 
 # ---- subcommands ------------------------------------------------------------------------------
@@ -142,6 +213,8 @@ def run_coords(args) -> None:
     for axis, column in zip(names, values.T, strict=True):
         table[axis] = np.round(column, 3)
     write_table(table, args.output)
+    log.info("%d point(s) -> %s coordinates of %s: %s", len(table), args.to, args.image,
+             args.output)  # fmt: skip
 
 
 def run_image(args) -> None:

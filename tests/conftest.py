@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +28,18 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _TF_HOME = Path(tempfile.mkdtemp(prefix="mninorm-tf-"))
 os.environ["TEMPLATEFLOW_HOME"] = str(_TF_HOME)
 os.environ["TEMPLATEFLOW_AUTOUPDATE"] = "0"
+
+
+@contextmanager
+def logging_restored():
+    """The commands' ``main`` points logging at the stderr pytest captures for the test that calls
+    it: put the root logger's handlers and level back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level = handlers, level
 
 
 # ---- images -----------------------------------------------------------------------------------

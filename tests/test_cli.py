@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from conftest import TEST_TEMPLATE, tree_digest
 
-from bids_app.cli import main
-from bids_app.errors import ExitCode
+from bids_app.cli import build_parser, main, settings_from_args
+from bids_app.errors import ExitCode, UsageError
+from bids_app.settings import DEFAULT_SPACE, OutputSpace
 
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
 SPACE = TEST_TEMPLATE
@@ -223,6 +224,8 @@ def _run_cli(*args, env=None):
          "not a BIDS dataset"),
         (lambda d, t: [d, t / "out", "participant", "--preset", "sloppy"], ExitCode.USAGE,
          "invalid choice"),
+        (lambda d, t: [d, t / "out", "participant", "--output-spaces", "T1w:res-2"],
+         ExitCode.USAGE, "T1w takes no resolution index"),
     ],
 )  # fmt: skip
 def test_usage_mistakes_exit_with_documented_codes_and_no_traceback(
@@ -233,6 +236,37 @@ def test_usage_mistakes_exit_with_documented_codes_and_no_traceback(
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _spaces_settings(tmp_path, *spaces):
+    (tmp_path / "bids").mkdir(exist_ok=True)
+    folders = [str(tmp_path / "bids"), str(tmp_path / "out")]
+    return settings_from_args(
+        build_parser().parse_args([*folders, "participant", "--output-spaces", *spaces])
+    )
+
+
+@pytest.mark.parametrize(
+    ("spaces", "expected"),
+    [
+        (["T1w", SPACE], [SPACE]),
+        ([SPACE, "t1w", f"{SPACE}:res-2", "T1W", SPACE], [SPACE, f"{SPACE}:res-2"]),
+        (["T1w"], [DEFAULT_SPACE]),  # no template named: the default one, as without the option
+    ],
+)
+def test_output_space_t1w_is_accepted_and_adds_no_template_space(tmp_path, spaces, expected):
+    """fMRIPrep's --output-spaces T1w means the native outputs, which are always written: the run
+    is the very one without it."""
+    settings = _spaces_settings(tmp_path, *spaces)
+    assert settings == _spaces_settings(tmp_path, *expected)
+    assert settings.output_spaces == tuple(
+        OutputSpace(name.split(":")[0], 2 if name.endswith(":res-2") else None) for name in expected
+    )
+
+
+def test_output_space_t1w_with_a_resolution_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="T1w takes no resolution index"):
+        _spaces_settings(tmp_path, "t1w:res-2")
 
 
 def test_missing_template_offline_names_the_files_and_how_to_fetch_them(dataset, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import os
 import shutil
@@ -21,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from browser import open_report
-from conftest import TEST_TEMPLATE
+from conftest import TEST_TEMPLATE, logging_restored
 from qc_cases import templates_in
 from scipy import stats
 
@@ -79,11 +78,8 @@ def other_grid(fetch) -> Grid:
 
 @pytest.fixture(autouse=True)
 def _keep_logging():
-    """``main`` points logging at the stderr pytest captures for that test: restore it after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+    with logging_restored():
+        yield
 
 
 def images(grid: Grid, rng, effect: float = 0.0, gain: float = 1.0) -> synth.SpaceImages:
@@ -611,7 +607,33 @@ def test_rerun_after_adding_a_participant_updates_everything(tmp_path, grid, oth
     assert foreign.read_text() == "a user's file"
     leftovers = [p for p in out.rglob(".*") if ".part" in p.name]
     assert leftovers == []
-    assert "group/" in (out / ".bidsignore").read_text().split()
+    assert "group" in (out / ".bidsignore").read_text().split()
+
+
+def test_outputs_under_an_older_versions_names_are_replaced(tmp_path, grid, fetch):
+    """Issue: pybids took group/space-X_stat-mean_T1w.nii.gz for a participant's T1w. A re-run
+    writes the maps under their new names and removes the old files, never a user's file."""
+    out = tmp_path / "out"
+    write_cohort(out, grid, {"01": "A", "02": "B", "03": "B"})
+    folder = drv.group_dir(out)
+    folder.mkdir(parents=True)
+    exts = (".nii.gz", ".json")
+    legacy = [
+        *(f"space-{LABEL}_stat-{stat}_T1w{ext}" for stat in ("mean", "sd") for ext in exts),
+        *(f"space-{LABEL}_stat-mean_desc-{jacobian}_logjacobian{ext}"
+          for jacobian in ("total", "nonlinear") for ext in exts),
+        "desc-mninorm_qc.tsv", "desc-mninorm_qc.json",
+    ]  # fmt: skip
+    for name in legacy:
+        (folder / name).write_text("from mninorm 0.1")
+    foreign = folder / f"space-{LABEL}_stat-mean_desc-mine_T1w.nii.gz"
+    foreign.write_text("a user's file")
+    outcome = group(out, fetch)
+    assert sorted(p.name for p in outcome.removed) == sorted(legacy)
+    assert not [name for name in legacy if (folder / name).exists()]
+    assert foreign.read_text() == "a user's file"
+    assert drv.group_space_path(out, "t1w_mean", LABEL).is_file()
+    assert drv.group_table_path(out, "qc").is_file()
 
 
 def test_a_failing_write_leaves_the_previous_outputs_whole(planted, fetch, monkeypatch):

@@ -255,7 +255,7 @@ def group_column(column: str) -> str:
 def write_table(
     output_dir: Path, cohorts: list[SpaceCohort], group_values=None, column=None
 ) -> Path:
-    """``group/desc-mninorm_qc.tsv`` and its JSON sidecar."""
+    """``group/desc-mninorm_groupqc.tsv`` and its JSON sidecar."""
     rows = table_rows(cohorts, group_values, column)
     columns = list(COLUMNS)
     if column is not None:

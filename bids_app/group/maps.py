@@ -333,8 +333,7 @@ def _write(path: Path, data: np.ndarray, sidecar: dict, grid: Grid) -> Path:
     import nibabel as nib
 
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), grid.affine)
-    img.header.set_xyzt_units("mm")
-    drv.write_nifti(img, path)
+    drv.write_nifti(img, path)  # sets the units (mm)
     drv.write_json(sidecar, drv.sidecar_path(path))
     return path
 

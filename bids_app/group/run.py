@@ -126,13 +126,18 @@ def remove_stale_outputs(
 ) -> list[Path]:
     """Remove our maps (and sidecars) that this run did not rewrite, except the statistics of
     other --group-by columns in spaces that still exist (another question; their sidecars say
-    who was in them)."""
+    who was in them), and our outputs under an older version's names (rewritten under the new)."""
     folder = drv.group_dir(output_dir)
     if not folder.is_dir():
         return []
     spaces = {section.space.label for section in sections}
     removed = []
     for path in sorted(folder.iterdir()):
+        if path.is_file() and drv.is_legacy_group_output(path.name):
+            path.unlink()
+            removed.append(path)
+            log.info("removed %s: an older mninorm's name", path.relative_to(output_dir))
+            continue
         parsed = drv.parse_group_output(path.name)
         if parsed is None or not path.is_file():
             continue  # not ours
