@@ -111,7 +111,7 @@ def _labelled_cases(out: Path) -> list[HeadCase]:
 
 
 def _perturbed_case(out: Path, base: HeadCase, kind: str) -> HeadCase:
-    name = base.name + kind.replace("-", "").replace("iso", "")
+    name = base.name + kind.replace("-", "").replace("iso2mm", "2mm")
     folder = out / "cases" / name
     t1w, mask, world = folder / "t1w.nii.gz", folder / "reference_mask.nii.gz", folder / "world.npy"
     if not (t1w.is_file() and mask.is_file() and world.is_file()):

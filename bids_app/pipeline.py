@@ -159,6 +159,7 @@ def process_t1w(
         with timer("brain_mask"):
             extraction = _extract_brain(preproc, settings, templates, template_images, work)
         record["BrainExtraction"] = {
+            "Fallback": settings.fallback,
             "KeptAttempt": extraction.kept,
             "Attempts": [attempt.as_record() for attempt in extraction.attempts],
         }
@@ -171,7 +172,7 @@ def process_t1w(
     mask = extraction.mask_img
 
     provenance = _provenance(t1w, settings, header, extraction)
-    outputs = _write_native(t1w, settings, preproc, mask, provenance)
+    outputs = _write_native(t1w, settings, preproc, mask, provenance, record)
 
     brain = preproc * mask
     moving_mask = ants.iMath(mask, "MD", _MASK_DILATION_VOX)
@@ -243,7 +244,7 @@ def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
     return looks_skull_stripped(np.asarray(nifti.dataobj), voxel_volume)
 
 
-def _write_native(t1w, settings, preproc, mask, provenance) -> list[Path]:
+def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> list[Path]:
     from bids_app.images import ants_to_nifti
 
     out = settings.output_dir
@@ -263,6 +264,8 @@ def _write_native(t1w, settings, preproc, mask, provenance) -> list[Path]:
             "Sources": [drv.derivative_uri(out, t1w_path)],
             "RawSources": provenance["Sources"],
             "Method": provenance["BrainMaskMethod"],
+            # Every attempt, as the run record has them (absent for skull-stripped inputs).
+            **{key: record[key] for key in ("BrainExtraction",) if key in record},
         },
         drv.sidecar_path(mask_path),
     )

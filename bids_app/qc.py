@@ -157,6 +157,10 @@ COLUMNS: dict[str, str] = {
     "source_orientation": "voxel axis orientation of the input before it was reoriented to RAS",
     "header_fixes": "what the header check changed ('; '-separated), n/a if nothing",
     "skull_strip": "the skull-strip decision (mode: what was done)",
+    "extraction_attempts": "brain-extraction attempts made (more than 1: the fallback fired; "
+    "the run record and the mask's sidecar say what each attempt was and why), n/a when the "
+    "input was already skull-stripped",
+    "extraction_kept": "the attempt whose mask was kept",
     "preset": "registration preset",
     "seconds_total": "wall time for this T1w, in seconds",
     "step_seconds": "wall time of each step, 'step=seconds' ('; '-separated)",
@@ -427,6 +431,7 @@ def table_rows(qc: T1wQC, participant_status: str) -> list[dict]:
     session = qc.record.t1w.session
     fixes = content.get("HeaderFixes") or []
     steps = content.get("StepSeconds") or {}
+    extraction = content.get("BrainExtraction") or {}
     rows = []
     for space_qc in qc.spaces:
         row = {
@@ -447,6 +452,8 @@ def table_rows(qc: T1wQC, participant_status: str) -> list[dict]:
             source_orientation=content.get("SourceOrientation"),
             header_fixes="; ".join(fixes) or None,
             skull_strip=content.get("SkullStripDecision"),
+            extraction_attempts=len(extraction.get("Attempts", [])) or None,
+            extraction_kept=extraction.get("KeptAttempt"),
             preset=content.get("Preset"),
             seconds_total=content.get("TotalSeconds"),
             step_seconds="; ".join(f"{k}={v:g}" for k, v in steps.items()) or None,

@@ -267,6 +267,7 @@ def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
                 "the outline follows the brain's edge: no skull or eyes inside, no cortex cut off.",
             )
         )
+    parts.append(_attempts_table(content.get("BrainExtraction") or {}))
     for space_qc in result.spaces:
         template = space_qc.template
         if template in drawn.normalisation:
@@ -289,6 +290,37 @@ def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
             parts.append(f"<h3>QC against {_e(template)}</h3>" + _qc_table(space_qc))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _attempts_table(extraction: dict) -> str:
+    """Every brain-extraction attempt: what, why, its checks, and which one was kept."""
+    attempts = extraction.get("Attempts") or []
+    if not attempts:
+        return ""
+    kept = extraction.get("KeptAttempt")
+    header = ("attempt", "why", "template", "engine", "start", "head volume ratio", "brain ml",
+              "least-covered sector", "outside share", "problems", "time")  # fmt: skip
+    rows = []
+    for attempt in attempts:
+        sector = attempt.get("MinSectorCoverage")
+        cells = (
+            f"{attempt.get('Attempt')}{' (kept)' if attempt.get('Attempt') == kept else ''}",
+            attempt.get("Why"), attempt.get("Template"), attempt.get("Engine"),
+            attempt.get("Start"), _number(attempt.get("HeadVolumeRatio"), "{:.2f}"),
+            _number(attempt.get("BrainVolumeML"), "{:.0f}"),
+            None if sector is None else f"{sector:.0%} ({attempt.get('WorstSector')})",
+            _number(attempt.get("OutsideFraction"), "{:.1%}"),
+            "; ".join(attempt.get("Problems") or []) or "none",
+            _seconds(attempt.get("Seconds")),
+        )  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{_e(c) if c else 'n/a'}</td>" for c in cells) + "</tr>")
+    fallback = "on" if extraction.get("Fallback", True) else "off (--no-fallback)"
+    return (
+        f"<h3>Brain extraction: {len(attempts)} attempt(s), fallback {fallback}</h3>"
+        '<table class="attempts"><thead><tr>'
+        + "".join(f"<th>{_e(h)}</th>" for h in header)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _summary_table(record: qc.RunRecord) -> str:
