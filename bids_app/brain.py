@@ -181,7 +181,7 @@ def extract_brain(t1w_img, plans: list[Plan], work_prefix: Path, seed: int) -> B
     attempts: list[Attempt] = []
     results: list[tuple[object, Path]] = []
     searches: dict[str, list] = {}
-    for number, plan in enumerate(plans, start=1):
+    for plan in plans:
         template = plan.template
         if template.name not in searches:
             found = search_head_starts(template.head, template.mask, t1w_img)
@@ -189,6 +189,7 @@ def extract_brain(t1w_img, plans: list[Plan], work_prefix: Path, seed: int) -> B
         starts = searches[template.name]
         if plan.start_rank >= len(starts):
             continue  # no other distinct start: nothing new to try
+        number = len(attempts) + 1
         attempt, mask, linear_xfm = _attempt(
             t1w_img, plan, starts[plan.start_rank], number, Path(f"{work_prefix}a{number}_"), seed
         )

@@ -1,0 +1,108 @@
+"""Brain-extraction fallback: a first attempt made to fail on purpose is followed by another that
+succeeds, and the run record, the mask's sidecar, the QC table and the report say so; with
+--no-fallback the same T1w fails, with the reason."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import (
+    E2E_SPACE,
+    known_affine,
+    participant_brain,
+    save_t1w,
+    with_skull,
+    write_dataset_description,
+)
+
+from bids_app.errors import ExitCode
+
+
+class _DivergingFirst:
+    """The real Greedy engine, except that its first head-to-template affine 'diverges' (the
+    volume blown up 27 times, as a real head's did: a volume ratio of 523)."""
+
+    name = "greedy"
+
+    def __init__(self):
+        from bids_app.registration.greedy import GreedyEngine
+
+        self.real = GreedyEngine()
+        self.sabotaged = False
+
+    def register(self, fixed, moving, *, preset, **options):
+        from bids_app.registration.composite import write_composite
+        from bids_app.transforms import CompositeTransform, read_composite
+
+        result = self.real.register(fixed, moving, preset=preset, **options)
+        if preset == "head-linear" and not self.sabotaged:
+            self.sabotaged = True
+            diverged = read_composite(result.forward_xfm).linear @ np.diag([3.0, 3.0, 3.0, 1.0])
+            write_composite(CompositeTransform((diverged,)), result.forward_xfm)
+        return result
+
+
+@pytest.fixture(scope="module")
+def head_dataset(tmp_path_factory, template_brain, templateflow_home):
+    root = tmp_path_factory.mktemp("fallback_bids")
+    write_dataset_description(root)
+    pose = known_affine(rot_deg=(10, -4, 6), shift=(2, -3, 4), scale=(1.02, 0.98, 1.0))
+    save_t1w(with_skull(participant_brain(template_brain, pose, "LIA"), seed=5), root, "01")
+    return root
+
+
+def _run(root, out, monkeypatch, *extra):
+    from bids_app import registration
+    from bids_app.cli import main
+
+    engines = {"greedy": _DivergingFirst()}
+    real = registration.get_engine
+    monkeypatch.setattr(registration, "get_engine", lambda name: engines.get(name) or real(name))
+    return main(
+        [str(root), str(out), "participant", "--output-spaces", E2E_SPACE, "--preset", "fast",
+         "--nthreads", "2", "--skip-bids-validation", "--in-process", *extra]
+    )  # fmt: skip
+
+
+def test_a_failed_first_attempt_is_retried_and_recorded(head_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert _run(head_dataset, out, monkeypatch) == ExitCode.OK
+
+    record = json.loads((out / "sub-01/log/sub-01_desc-mninorm_run.json").read_text())
+    extraction = record["BrainExtraction"]
+    first, *others = extraction["Attempts"]
+    assert first["Attempt"] == 1 and "diverged" in " ".join(first["Problems"])
+    assert first["HeadVolumeRatio"] > 10
+    assert others and others[-1]["Problems"] == []
+    assert extraction["KeptAttempt"] == others[-1]["Attempt"]
+    assert others[-1]["Why"].startswith("fallback")
+
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-brain_mask.json").read_text())
+    assert sidecar["BrainExtraction"]["KeptAttempt"] == extraction["KeptAttempt"]
+    assert f"attempt {extraction['KeptAttempt']} of {len(extraction['Attempts'])}" in (
+        sidecar["Method"]
+    )
+    with open(out / "sub-01/anat/sub-01_desc-mninorm_qc.tsv", newline="") as handle:
+        row = next(csv.DictReader(handle, delimiter="\t"))
+    assert row["extraction_attempts"] == str(len(extraction["Attempts"]))
+    assert row["status"] != "fail"
+    report = (out / "sub-01.html").read_text()
+    assert f"Brain extraction: {len(extraction['Attempts'])} attempt(s), fallback on" in report
+    assert "diverged" in report
+
+
+def test_without_fallback_the_t1w_fails_with_the_reason(head_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert _run(head_dataset, out, monkeypatch, "--no-fallback") == ExitCode.PARTICIPANT_FAILED
+
+    record = json.loads((out / "sub-01/log/sub-01_desc-mninorm_run.json").read_text())
+    assert record["Status"] == "failed"
+    assert "no brain-extraction attempt passed" in record["Error"]
+    assert "diverged" in record["Error"]
+    assert len(record["BrainExtraction"]["Attempts"]) == 1
+    with open(out / "sub-01/anat/sub-01_desc-mninorm_qc.tsv", newline="") as handle:
+        row = next(csv.DictReader(handle, delimiter="\t"))
+    assert row["status"] == "fail" and "diverged" in row["status_reasons"]
