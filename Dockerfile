@@ -67,7 +67,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 # ---------------------------------------------------------------------------------------------
 # Templates, pre-fetched into a fixed folder outside any $HOME.
 FROM deps AS templates
-ARG TEMPLATES="MNI152NLin2009cAsym MNI152NLin6Asym"
+ARG TEMPLATES="MNI152NLin2009cAsym MNI152NLin6Asym OASIS30ANTs"
 ARG TEMPLATE_RESOLUTIONS="1 2"
 COPY docker/fetch_templates.py /usr/local/bin/fetch_templates.py
 COPY --from=templates-local . /tmp/templateflow-local/

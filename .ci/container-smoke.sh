@@ -205,12 +205,12 @@ empty = [str(p) for p in files if p.stat().st_size == 0]
 if empty:
     sys.exit(f"0-byte placeholders in {home}: {empty}")
 from templateflow import api
-for tpl in ("MNI152NLin2009cAsym", "MNI152NLin6Asym"):
+for tpl in ("MNI152NLin2009cAsym", "MNI152NLin6Asym", "OASIS30ANTs"):
     t1w = api.get(tpl, resolution=1, desc=None, suffix="T1w", extension=".nii.gz")
     mask = api.get(tpl, resolution=1, desc="brain", suffix="mask", extension=".nii.gz")
     if not (t1w and mask):
         sys.exit(f"{tpl} res-1 T1w/mask not found under {home}")
-print(f"templates: {len(files)} files in {home}, both templates resolve offline")
+print(f"templates: {len(files)} files in {home}, the output and brain-extraction templates resolve offline")
 ' || fail "template check failed"
 }
 
