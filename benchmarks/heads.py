@@ -440,6 +440,115 @@ def _f(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+# ---- calibration of the mask checks ------------------------------------------------------------
+
+# FreeSurfer labels (aseg / aparc+aseg) of what a failed extraction cuts off.
+_CEREBELLUM = (7, 8, 46, 47)
+_TEMPORAL_CORTEX = (1, 6, 7, 9, 15, 16, 30, 33, 34)  # + 1000 (left) or 2000 (right), Desikan
+# Deep structures kept when a lobe is cut: ventricles, basal ganglia, thalamus, brainstem.
+_DEEP = (4, 43, 10, 49, 11, 50, 12, 51, 13, 52, 16, 28, 60)
+
+
+def calibrate(out: Path, setting: str = "default") -> list[dict]:
+    """The mask checks (as QC computes them) on good masks and on masks damaged the ways brain
+    extraction fails: without the cerebellum or a temporal lobe, with the skull, with the neck.
+
+    Each labelled head's damaged FreeSurfer masks are measured with the linear part of mninorm's
+    final transform for that head (``setting``'s run), exactly as QC would measure them.
+    """
+    from bids_app.maskcheck import check_mask
+    from bids_app.transforms import read_composite
+
+    template_mask = nib.load(_template_file("mask"))
+    rows = []
+    for base in PERTURBED_BASES:
+        number = base[-2:]
+        output = out / "runs" / setting / base / "out" / f"sub-{base}" / "anat"
+        forward = next(output.glob(f"*_from-T1w_to-{TEMPLATE}_mode-image_xfm.h5"), None)
+        if forward is None:
+            continue
+        linear = read_composite(forward).linear
+        labels_dir = DATA_ROOT / "labelled-heads" / "derivatives" / "freesurfer" / f"sub-{number}"
+        reference = nib.load(labels_dir / "anat" / f"sub-{number}_desc-brain_mask.nii.gz")
+        aparc = nib.load(labels_dir / "anat" / f"sub-{number}_desc-aparcaseg_dseg.nii.gz")
+        head = nib.load(DATA_ROOT / "labelled-heads" / f"sub-{number}/anat/sub-{number}_T1w.nii.gz")
+        inside = np.asarray(reference.dataobj) > 0
+        mninorm_mask = nib.load(output / f"sub-{base}_desc-brain_mask.nii.gz")
+        variants = {"FreeSurfer mask": inside, "mninorm's mask": _on_grid(mninorm_mask, reference)}
+        variants.update(_damaged(inside, np.asarray(aparc.dataobj).astype(int), head, reference))
+        for name, mask in variants.items():
+            check = check_mask(_as_image(mask, reference), template_mask, linear)
+            rows.append({
+                "head": base, "mask": name, "dice": round(dice(mask, inside), 3),
+                "min_sector_coverage": round(check.min_sector_coverage, 3),
+                "worst_sector": check.worst_sector,
+                "outside_fraction": round(check.outside_fraction, 3),
+                "volume_ml": round(check.volume_ml),
+            })  # fmt: skip
+    return rows
+
+
+def _damaged(inside: np.ndarray, aparc: np.ndarray, head, reference) -> dict:
+    from scipy import ndimage
+
+    zooms = np.asarray(reference.header.get_zooms()[:3], float)
+    damaged = {"no cerebellum": inside & ~np.isin(aparc, _CEREBELLUM)}
+    cortex = aparc >= 1000
+    # Every brain voxel goes with its nearest cortex label: a lobe's cortex and white matter.
+    _, nearest = ndimage.distance_transform_edt(~cortex, sampling=zooms, return_indices=True)
+    nearest_label = aparc[tuple(nearest)]
+    for side, offset in (("left", 1000), ("right", 2000)):
+        temporal = np.isin(nearest_label, [offset + label for label in _TEMPORAL_CORTEX])
+        damaged[f"no {side} temporal lobe"] = inside & ~(temporal & ~np.isin(aparc, _DEEP))
+    outside_mm = ndimage.distance_transform_edt(~inside, sampling=zooms)
+    for mm in (5, 10):
+        damaged[f"with {mm} mm of skull and scalp"] = outside_mm <= mm
+    damaged["with the neck"] = inside | _neck(inside, head, reference)
+    return damaged
+
+
+def _neck(inside: np.ndarray, head, reference) -> np.ndarray:
+    """Head tissue from the brain's lowest point to 40 mm below it, within 40 mm of its axis."""
+    data = np.asarray(_on_grid_image(head, reference).dataobj, dtype=np.float32)
+    world = _apply(reference.affine, np.argwhere(inside).astype(float))
+    low, centre = world[:, 2].min(), world.mean(axis=0)
+    grid = _apply(reference.affine, np.indices(inside.shape).reshape(3, -1).T.astype(float))
+    grid = grid.reshape(*inside.shape, 3)
+    below = (grid[..., 2] < low + 5) & (grid[..., 2] > low - 40)
+    near_axis = np.hypot(grid[..., 0] - centre[0], grid[..., 1] - centre[1]) < 40
+    return below & near_axis & (data > np.percentile(data[inside], 5))
+
+
+def _template_file(kind: str) -> Path:
+    from templateflow import api
+
+    desc, suffix = ("brain", "mask") if kind == "mask" else (None, "T1w")
+    return Path(api.get(TEMPLATE, resolution=1, desc=desc, suffix=suffix, extension=".nii.gz"))
+
+
+def calibration_table(rows: list[dict]) -> list[str]:
+    from bids_app.maskcheck import LIMITS
+
+    lines = [
+        "## Calibration of the mask checks",
+        "",
+        "Masks of the two labelled heads, damaged the ways brain extraction fails, measured as QC "
+        "measures them (the linear part of mninorm's final transform for that head). Limits: "
+        f"min sector coverage >= {LIMITS['min_sector_coverage'][0]}, outside fraction <= "
+        f"{LIMITS['outside_fraction'][1]}.",
+        "",
+        "| head | mask | Dice with FreeSurfer | min sector coverage (sector) | outside fraction "
+        "| volume ml |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['head']} | {r['mask']} | {r['dice']:.3f} | {r['min_sector_coverage']:.3f} "
+            f"({r['worst_sector']}) | {r['outside_fraction']:.3f} | {r['volume_ml']} |"
+        )
+    return lines
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 
@@ -466,5 +575,9 @@ def run(out: Path, case_names: list[str] | None, settings: list[str], threads: i
             write_rows(out, rows)
             log.info("  %s", asdict(rows[(case.name, setting)]))
     path = write_report(out, rows)
+    if "default" in settings:
+        calibration = calibrate(out)
+        with open(path, "a") as report:
+            report.write("\n".join(calibration_table(calibration)) + "\n")
     print(path.read_text())
     return 0

@@ -77,3 +77,28 @@ def test_already_skull_stripped_scan_is_detected_and_normalised(shared_data, tmp
         shared_data / "templateflow" / f"tpl-{SPACE}" / f"tpl-{SPACE}_res-01_desc-brain_mask.nii.gz"
     ).get_fdata()
     assert _dice(warped, template_mask) > 0.9
+
+
+@pytest.mark.parametrize("label", ["01", "02"])
+def test_whole_head_mask_matches_freesurfer(shared_data, tmp_path, label):
+    """Brain extraction on a real whole head (labelled-heads: FreeSurfer-conformed, defaced) agrees
+    with FreeSurfer's brain mask (Dice >= 0.95), and QC passes the mask."""
+    result = _mninorm(
+        shared_data, shared_data / "labelled-heads", tmp_path, "--participant-label", label,
+        "--preset", "fast", "--skip-bids-validation",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from nibabel.processing import resample_from_to
+
+    mask = nib.load(tmp_path / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_mask.nii.gz")
+    freesurfer = nib.load(
+        shared_data / "labelled-heads" / "derivatives" / "freesurfer" / f"sub-{label}" / "anat"
+        / f"sub-{label}_desc-brain_mask.nii.gz"
+    )  # fmt: skip
+    truth = resample_from_to(freesurfer, mask, order=0).get_fdata()
+    assert _dice(mask.get_fdata(), truth) >= 0.95
+    qc_table = tmp_path / f"sub-{label}" / "anat" / f"sub-{label}_desc-mninorm_qc.tsv"
+    header, row = qc_table.read_text().splitlines()[:2]
+    qc = dict(zip(header.split("\t"), row.split("\t"), strict=True))
+    assert qc["status"] != "fail", qc["status_reasons"]
+    assert float(qc["mask_min_sector_coverage"]) > 0.8
