@@ -119,10 +119,12 @@ class BrainExtraction:
         if self.skull_stripped_input:
             return "non-zero voxels of the already skull-stripped input"
         chosen = self.attempts[self.kept - 1]
+        verdict = "passed the mask checks" if chosen.ok else "kept although it failed them"
         return (
-            f"the {chosen.template} template's brain mask brought back by a head-to-template "
-            f"registration ({chosen.engine}: affine from the best of a search over starts, then "
-            f"a coarse diffeomorphic warp), attempt {chosen.number} of {len(self.attempts)}"
+            f"the {chosen.template} template's brain mask brought back onto the T1w by a "
+            f"head-to-template registration ({chosen.engine}: a start chosen by a search over "
+            f"head positions and tilts, an affine, then a coarse diffeomorphic warp); attempt "
+            f"{chosen.number} of {len(self.attempts)}, which {verdict}"
         )
 
 

@@ -212,7 +212,6 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
     from bids_app.registration import get_engine
     from bids_app.settings import ENGINES
 
-    first = settings.templates[0]
     candidates = []
     if templates.brain is not None:
         candidates.append(
@@ -222,7 +221,12 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
                 _ants_read(templates.brain.mask_path),
             )
         )
-    candidates.append(brain_template(first, *template_images[first]))
+    elif settings.brain_template in template_images:  # one of the output templates was asked for
+        asked = settings.brain_template
+        candidates.append(brain_template(asked, *template_images[asked]))
+    first = settings.templates[0]
+    if first not in [candidate.name for candidate in candidates]:
+        candidates.append(brain_template(first, *template_images[first]))
     engines = [get_engine(settings.engine)]
     engines += [get_engine(name) for name in ENGINES if name != settings.engine]
     plans = extraction_plans(candidates, engines, settings.fallback)

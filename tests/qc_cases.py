@@ -77,7 +77,21 @@ def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = Fa
         engine=engine, preset=preset, random_seed=1,
     )  # fmt: skip
     header = HeaderReport("LIA", (1.0, 1.0, 1.0), (10, 10, 10), ("reoriented LIA -> RAS",))
-    return _provenance(t1w, settings, header, stripped_input)
+    return _provenance(t1w, settings, header, recorded_extraction(engine, stripped_input))
+
+
+def recorded_extraction(engine: str, stripped_input: bool = False):
+    """A brain extraction as the pipeline records it: one attempt that passed its checks."""
+    from bids_app.brain import Attempt, BrainExtraction
+
+    if stripped_input:
+        return BrainExtraction(None, None, True)
+    attempt = Attempt(
+        number=1, template="OASIS30ANTs", engine=engine, start="head's centre of mass",
+        start_score=0.6, why="first attempt", head_volume_ratio=1.0, check=None, problems=(),
+        seconds=10.0,
+    )  # fmt: skip
+    return BrainExtraction(None, None, False, (attempt,), kept=1)
 
 
 def write_synthetic_outputs(
