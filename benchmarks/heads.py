@@ -82,6 +82,7 @@ class Row:
     landmark_max_mm: float | None = None
     wall_s: float | None = None
     peak_mb: float | None = None
+    note: str = ""
 
 
 # ---- cases --------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def read_rows(out: Path) -> dict:
 
 
 def _parse(key: str, value: str):
-    text_fields = {"case", "setting", "what", "reference", "status", "qc", "qc_reasons"}
+    text_fields = {"case", "setting", "what", "reference", "status", "qc", "qc_reasons", "note"}
     if key in text_fields:
         return value
     if value == "":
@@ -395,15 +396,15 @@ def write_report(out: Path, rows: dict) -> Path:
                   "", *_summary(mine), "",
                   "| case | what | reference | Dice | QC | attempts (kept) "
                   "| landmark mean / max mm | affine vol. ratio | brain ml | wall s | peak MB "
-                  "| QC reasons |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| QC reasons | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in mine:
             lines.append(
                 f"| {r.case} | {r.what} | {r.reference} | {_f(r.dice, 3)} | {r.qc or r.status} | "
                 f"{_f(r.attempts, 0)} ({_f(r.kept, 0)}) | {_f(r.landmark_mean_mm, 2)} / "
                 f"{_f(r.landmark_max_mm, 2)} | {_f(r.affine_volume_ratio, 2)} | "
                 f"{_f(r.brain_volume_ml, 0)} | {_f(r.wall_s, 0)} | {_f(r.peak_mb, 0)} | "
-                f"{r.qc_reasons or ''} |"
+                f"{r.qc_reasons or ''} | {r.note} |"
             )
         lines.append("")
     path = out / "heads.md"
@@ -438,6 +439,15 @@ def _summary(rows: list[Row]) -> list[str]:
 
 def _f(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _same_as_default(default: Row | None, setting: str) -> Row | None:
+    """Without fallback a run is the default run wherever the fallback did not fire (same code,
+    seed and first attempt): that row is reused rather than run again."""
+    if setting != "no-fallback" or default is None or default.attempts != 1:
+        return None
+    return Row(**{**asdict(default), "setting": setting,
+                  "note": "the default run: its fallback did not fire"})  # fmt: skip
 
 
 # ---- calibration of the mask checks ------------------------------------------------------------
@@ -555,6 +565,10 @@ def calibration_table(rows: list[dict]) -> list[str]:
 def run(out: Path, case_names: list[str] | None, settings: list[str], threads: int,
         force: bool) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    # Scoring reads the template here too (landmarks, calibration): the same offline home.
+    environment = _environment(threads)
+    for name in ("TEMPLATEFLOW_HOME", "TEMPLATEFLOW_AUTOUPDATE"):
+        os.environ[name] = environment[name]
     cases = build_cases(out, threads)
     if case_names:
         unknown = set(case_names) - {c.name for c in cases}
@@ -569,6 +583,10 @@ def run(out: Path, case_names: list[str] | None, settings: list[str], threads: i
     for setting in settings:
         for case in cases:
             if (case.name, setting) in rows and not force:
+                continue
+            same = _same_as_default(rows.get((case.name, "default")), setting)
+            if same is not None:
+                rows[(case.name, setting)] = same
                 continue
             log.info("heads benchmark: %s / %s", case.name, setting)
             rows[(case.name, setting)] = run_case(case, setting, out, threads)
