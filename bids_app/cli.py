@@ -223,24 +223,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
     with console_logging(verbosity):
-        try:
-            settings = settings_from_args(args)
-            _set_thread_environment(settings.omp_nthreads)
-            if settings.analysis_level == "group":
-                return run_group(settings, args.group_by)
-            if args.group_by:
-                log.warning("--group-by is used only at the group level: ignored")
-            if args.reports_only:
-                return run_reports_only(settings)
-            return run_participant_level(settings, run, verbosity)
-        except MninormError as err:
-            if args.debug:
-                raise
-            log.error("%s", err)
-            return int(err.exit_code)
-        except KeyboardInterrupt:
-            log.error("interrupted")
-            return int(ExitCode.INTERRUPTED)
+        return _run(args, run, verbosity)
+
+
+def _run(args: argparse.Namespace, run: RunInfo, verbosity: Verbosity) -> int:
+    try:
+        settings = settings_from_args(args)
+        _set_thread_environment(settings.omp_nthreads)
+        if settings.analysis_level == "group":
+            return run_group(settings, args.group_by)
+        if args.group_by:
+            log.warning("--group-by is used only at the group level: ignored")
+        if args.reports_only:
+            return run_reports_only(settings)
+        return run_participant_level(settings, run, verbosity)
+    except MninormError as err:
+        if args.debug:
+            raise
+        log.error("%s", err)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return int(ExitCode.INTERRUPTED)
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
