@@ -86,6 +86,8 @@ _STEP_LABELS = {
 # 17 s, brain extraction 16 s, registration 37 s, outputs 11 s). They only shape the estimate of
 # the time left while the first T1w images run; a step not listed weighs 5.
 _STEP_WEIGHTS = {"load": 1, "bias": 15, "brain_mask": 15, "register": 35, "outputs": 10}
+# The share of one participant done before the time left is estimated: a bias correction's worth
+_LEAST_DONE = 0.15
 
 
 def t1w_steps(templates: tuple[str, ...]) -> tuple[str, ...]:
@@ -171,11 +173,11 @@ class RunState:
 
     def seconds_left(self) -> float | None:
         """The time left at the pace so far, running participants counted by their steps done;
-        None before any step has ended."""
+        None until a first long step has ended (loading alone says nothing of the pace)."""
         done = sum(self.fraction(subject) for subject in self._places)
         if done >= self.total:
             return 0.0
-        if done <= 0:
+        if done < _LEAST_DONE:
             return None
         return self.elapsed() * (self.total - done) / done
 

@@ -81,9 +81,13 @@ def test_time_left_follows_the_pace_of_the_steps_done():
     assert state.seconds_left() is None  # nothing done yet: no pace to go by
     assert state.time_left() == "estimating the time left"
     events = list(_t1w_events("01"))
-    for event in events[:-1]:
+    for event in events[:3]:  # started, loading started and ended
         state.apply(event)
-    clock.now += 100
+    clock.now += 1
+    assert state.seconds_left() is None  # a second's loading says nothing of the pace
+    for event in events[3:-1]:
+        state.apply(event)
+    clock.now += 99
     # sub-01's steps all ended (its report is still to come): half the run in 100 s
     assert state.fraction("01") == 1.0
     assert state.seconds_left() == pytest.approx(100)
