@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 
 import pytest
 
@@ -32,8 +33,13 @@ def test_output_to_takes_what_compiled_code_prints_and_gives_the_descriptors_bac
     assert path.read_text() == f"{LINE_SEARCH}itk warning\n"
 
 
-def test_the_console_stays_on_stderr_while_a_t1w_log_takes_descriptor_2(tmp_path, capfd):
-    stream = console_stream()
+def test_the_console_stays_on_stderr_while_a_t1w_log_takes_descriptor_2(
+    tmp_path, capfd, monkeypatch
+):
+    # As outside pytest: sys.stderr writes to descriptor 2 (pytest's own writes elsewhere)
+    with open(2, "w", closefd=False) as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        stream = console_stream()
     try:
         with output_to(tmp_path / "log.txt"):
             stream.write("progress line\n")
