@@ -8,10 +8,13 @@ import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from bids_app import __version__
 from bids_app.errors import ExitCode, MninormError, UsageError
+from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
+from bids_app.provenance import RunInfo, start_run
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
     DEFAULT_ENGINE,
@@ -150,8 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     output = parser.add_argument_group("messages")
-    output.add_argument("-v", "--verbose", action="count", default=0, help="more messages")
-    output.add_argument("-q", "--quiet", action="count", default=0, help="fewer messages")
+    output.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more messages: -v what each T1w's steps found; -vv debugging. Whatever the level, "
+        "each T1w's messages (and Greedy's and ANTs' output) are in "
+        "sub-<label>/log/*_desc-mninorm_log.txt",
+    )  # fmt: skip
+    output.add_argument(
+        "-q", "--quiet", action="count", default=0,
+        help="fewer messages: -q warnings and errors only (no progress), -qq errors only",
+    )  # fmt: skip
     output.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     output.add_argument(
         "--in-process", action="store_true",
@@ -206,9 +217,16 @@ class _UnknownLevel(MninormError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The invocation, once, here: its identifier and start are the same for every participant.
+    run = start_run(sys.argv if argv is None else ["mninorm", *argv])
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose - args.quiet)
+    verbosity = Verbosity(args.verbose - args.quiet)
+    with console_logging(verbosity):
+        return _run(args, run, verbosity)
+
+
+def _run(args: argparse.Namespace, run: RunInfo, verbosity: Verbosity) -> int:
     try:
         settings = settings_from_args(args)
         _set_thread_environment(settings.omp_nthreads)
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("--group-by is used only at the group level: ignored")
         if args.reports_only:
             return run_reports_only(settings)
-        return run_participant_level(settings)
+        return run_participant_level(settings, run, verbosity)
     except MninormError as err:
         if args.debug:
             raise
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.INTERRUPTED)
 
 
-def run_participant_level(settings: Settings) -> int:
+def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
     from bids_app import derivatives
     from bids_app.discovery import collect_t1w
     from bids_app.pipeline import resolve_templates, run_participants
@@ -254,7 +272,7 @@ def run_participant_level(settings: Settings) -> int:
     )  # fmt: skip
     with _work_dir(settings.work_dir) as work_dir:
         outcomes = run_participants(
-            selection.t1w_by_subject, settings, templates, work_dir, logging.getLogger().level
+            selection.t1w_by_subject, settings, templates, work_dir, run, verbosity
         )
     failed = [o for o in outcomes if not o.ok]
     for outcome in outcomes:
@@ -317,7 +335,30 @@ def _set_thread_environment(threads: int) -> None:
         os.environ[name] = str(threads)
 
 
+@contextmanager
+def console_logging(verbosity: Verbosity):
+    """While ``mninorm`` runs: the console (``console.ConsoleHandler``) is the root logger's one
+    handler, other packages' loggers are quietened, warnings go through logging. The root logger's
+    handlers and level come back afterwards (tests call ``main`` in their process)."""
+    from bids_app.console import open_console
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    console = open_console(verbosity)
+    root.handlers[:] = [console]
+    root.setLevel(verbosity.record_level)
+    quiet_libraries(verbosity)
+    logging.captureWarnings(True)
+    try:
+        yield console
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        console.close()
+
+
 def configure_logging(verbosity: int) -> None:
+    """Plain lines on stderr (``mninorm-transform``)."""
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
         verbosity, logging.DEBUG if verbosity > 0 else logging.ERROR
     )
@@ -325,7 +366,7 @@ def configure_logging(verbosity: int) -> None:
         level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
     )
     logging.captureWarnings(True)
-    for noisy in ("bids", "templateflow", "matplotlib"):
+    for noisy in LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

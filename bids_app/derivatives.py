@@ -51,6 +51,7 @@ FIGURE_OUTPUTS = {
 REPORT = "sub-{subject}.html"
 CITATION = "logs/CITATION.md"
 RUN_RECORD = "desc-mninorm_run.json"
+T1W_LOG = "desc-mninorm_log.txt"  # what was said and printed while the T1w ran (logs.t1w_log)
 # Folder names carry no trailing slash: bids-validator-deno (3.0) does not ignore a folder itself
 # with "figures/" (it reports "sub-01/figures/" as NOT_INCLUDED); "figures" matches the folder and
 # everything in it, with every gitignore-style matcher.
@@ -134,6 +135,11 @@ def run_record_dir(output_dir: Path, subject: str) -> Path:
 def run_record_path(output_dir: Path, t1w: T1wInput) -> Path:
     """Per-T1w record of what was done (``sub-X/log/``, as fMRIPrep keeps its logs)."""
     return run_record_dir(output_dir, t1w.subject) / f"{source_prefix(t1w)}_{RUN_RECORD}"
+
+
+def t1w_log_path(output_dir: Path, t1w: T1wInput) -> Path:
+    """Per-T1w log, next to its run record."""
+    return run_record_dir(output_dir, t1w.subject) / f"{source_prefix(t1w)}_{T1W_LOG}"
 
 
 def qc_path(output_dir: Path, t1w: T1wInput, kind: str) -> Path:
@@ -283,7 +289,17 @@ def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
     source_dataset = {"URL": bids_dir.resolve().as_uri()}
     if source.get("DatasetDOI"):
         source_dataset["DOI"] = source["DatasetDOI"]
-    generated_by = {"Name": "mninorm", "Version": __version__, "CodeURL": CODE_URL}
+    generated_by = {
+        "Name": "mninorm",
+        "Version": __version__,
+        # Which invocation wrote which T1w's outputs is per T1w: this file is shared by every run
+        # into the folder (one job per participant on a cluster) and must not change between them.
+        "Description": "Normalisation of T1w images to MNI templates. Each T1w's run record, "
+        f"sub-<label>/log/<source entities>_{RUN_RECORD}, names the invocation that wrote its "
+        "outputs: command line, run identifier (RunUUID), start and end times (UTC), CPUs and "
+        f"threads; its log, <source entities>_{T1W_LOG}, what was said and printed meanwhile.",
+        "CodeURL": CODE_URL,
+    }
     if container:
         generated_by["Container"] = container
     return {

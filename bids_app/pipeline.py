@@ -11,16 +11,19 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from logging.handlers import QueueListener
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from bids_app import derivatives as drv
+from bids_app import logs, progress
 from bids_app.brain import BrainExtraction
 from bids_app.discovery import T1wInput
 from bids_app.errors import BrainExtractionError, MninormError
 from bids_app.headstart import write_start
+from bids_app.provenance import RunInfo, utc_now
 from bids_app.settings import OutputSpace, Settings
 from bids_app.templates import Template
 
@@ -116,7 +119,7 @@ def process_t1w(
     from bids_app.images import load_t1w, nifti_to_ants
     from bids_app.registration import get_engine
 
-    timer = _StepTimer(record.setdefault("StepSeconds", {}))
+    timer = _StepTimer(record.setdefault("StepSeconds", {}), t1w, settings)
     engine = get_engine(settings.engine)
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
@@ -434,19 +437,38 @@ def _software_versions(engine: str = "ants") -> dict:
 
 
 class _StepTimer:
-    def __init__(self, steps: dict):
+    """Times the steps of one T1w into ``steps`` (the run record's StepSeconds) and announces each
+    step's start and end (``progress`` events: the console's lines and live view)."""
+
+    def __init__(self, steps: dict, t1w: T1wInput, settings: Settings):
         self.steps = steps
         self._start = time.perf_counter()
+        self._subject = t1w.subject
+        self._t1w = drv.source_prefix(t1w)
+        self._registration = _registration_words(settings)
 
     def __call__(self, name: str):
         timer = self
+        label = progress.describe_step(name, self._registration)
 
         class _Step:
             def __enter__(self):
+                progress.announce(
+                    log, progress.StepStarted(timer._subject, timer._t1w, name, label),
+                    "sub-%s: %s...", timer._subject, label,
+                )  # fmt: skip
                 self.start = time.perf_counter()
 
-            def __exit__(self, *exc):
-                timer.steps[name] = round(time.perf_counter() - self.start, 2)
+            def __exit__(self, kind, *exc):
+                seconds = time.perf_counter() - self.start
+                timer.steps[name] = round(seconds, 2)
+                event = progress.StepEnded(
+                    timer._subject, timer._t1w, name, label, seconds, ok=kind is None
+                )
+                outcome = "done" if kind is None else "failed"
+                progress.announce(
+                    log, event, "sub-%s: %s %s in %.1f s", timer._subject, label, outcome, seconds
+                )
 
         return _Step()
 
@@ -454,30 +476,62 @@ class _StepTimer:
         return time.perf_counter() - self._start
 
 
+def _registration_words(settings: Settings) -> str:
+    """'Greedy, 1.5 mm grid': how the T1w is registered, for the progress lines."""
+    from bids_app.registration.base import ENGINES, get_preset
+
+    grid = get_preset(settings.engine, settings.preset).grid_mm
+    return f"{ENGINES[settings.engine].short}, {grid:g} mm grid"
+
+
 # ---- the participant loop --------------------------------------------------------------------
 
 
 def run_participant(
     subject: str, t1ws: tuple[T1wInput, ...], settings: Settings, templates, work_dir: Path,
-    log_level: int = logging.INFO,
+    run: RunInfo, verbosity: logs.Verbosity,
 ) -> list[T1wOutcome]:  # fmt: skip
-    """Every T1w of one participant; a failing T1w is reported and the next one still runs."""
-    _configure_child_logging(log_level)
+    """Every T1w of one participant; a failing T1w is reported and the next one still runs.
+
+    What is said while a T1w runs, and what compiled code prints, goes to its log file.
+    """
+    start = time.perf_counter()
     outcomes = []
     for t1w in t1ws:
-        start = time.perf_counter()
-        record = {"Source": drv.bids_uri(t1w.relpath)}
-        try:
-            outcome = process_t1w(t1w, settings, templates, work_dir, record)
-        except MninormError as err:
-            outcome = _failure(t1w, str(err), start)
-        except Exception as err:  # anything else: still isolate it, and keep the traceback
-            log.debug("sub-%s: %s", subject, traceback.format_exc())
-            outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
-        _write_run_record(settings, t1w, outcome, record)
-        outcomes.append(outcome)
+        log_path = drv.t1w_log_path(settings.output_dir, t1w)
+        with logs.t1w_log(log_path, drv.source_prefix(t1w), verbosity):
+            outcomes.append(_run_t1w(t1w, settings, templates, work_dir, run))
     _write_report(subject, settings)
+    ok = sum(outcome.ok for outcome in outcomes)
+    event = progress.ParticipantEnded(subject, ok, len(outcomes) - ok, time.perf_counter() - start)
+    progress.announce(log, event, "sub-%s: %d T1w ok, %d failed", subject, ok, event.failed)
     return outcomes
+
+
+def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: RunInfo):
+    prefix = drv.source_prefix(t1w)
+    started = utc_now()
+    start = time.perf_counter()
+    progress.announce(
+        log, progress.T1wStarted(t1w.subject, prefix, t1w.relpath),
+        "sub-%s: %s started (run %s)", t1w.subject, t1w.relpath, run.run_uuid,
+    )  # fmt: skip
+    record = {"Source": drv.bids_uri(t1w.relpath)}
+    try:
+        outcome = process_t1w(t1w, settings, templates, work_dir, record)
+    except MninormError as err:
+        outcome = _failure(t1w, str(err), start)
+    except Exception as err:  # anything else: still isolate it, and keep the traceback
+        # INFO: the T1w's log file keeps it; the console shows it with -v.
+        log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
+        outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
+    _write_run_record(settings, t1w, outcome, record, run, started)
+    progress.announce(
+        log, progress.T1wEnded(t1w.subject, prefix, outcome.ok, outcome.seconds),
+        "sub-%s: %s %s; run record %s", t1w.subject, t1w.relpath,
+        "ok" if outcome.ok else "failed", drv.run_record_path(settings.output_dir, t1w),
+    )  # fmt: skip
+    return outcome
 
 
 def _write_report(subject: str, settings: Settings) -> None:
@@ -491,8 +545,12 @@ def _write_report(subject: str, settings: Settings) -> None:
         log.warning("sub-%s: QC and report not written (%s: %s)", subject, type(err).__name__, err)
 
 
-def _write_run_record(settings: Settings, t1w: T1wInput, outcome: T1wOutcome, record: dict):
-    """What happened to one T1w, success or not: reports and QC read it from disk."""
+def _write_run_record(
+    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, record: dict, run: RunInfo,
+    started: str,
+) -> None:  # fmt: skip
+    """What happened to one T1w, success or not, and in which run: reports and QC read it from
+    disk."""
     out = settings.output_dir
     record.update(
         Status="ok" if outcome.ok else "failed",
@@ -506,6 +564,14 @@ def _write_run_record(settings: Settings, t1w: T1wInput, outcome: T1wOutcome, re
         Outputs=[drv.derivative_uri(out, path) for path in outcome.outputs],
         Software=_software_versions(settings.engine),
     )
+    # Provenance: the invocation (the same for all its participants) and this T1w's times
+    record.update(run.as_record())
+    record.update(
+        StartTime=started,
+        EndTime=utc_now(),
+        ThreadsTotal=settings.nthreads,
+        ParallelParticipants=1 if settings.in_process else settings.parallel_participants,
+    )
     try:
         drv.write_json(record, drv.run_record_path(out, t1w))
     except OSError as err:  # the record is a convenience; its loss must not fail the T1w
@@ -518,37 +584,75 @@ def _failure(t1w: T1wInput, message: str, start: float) -> T1wOutcome:
 
 
 def run_participants(
-    by_subject: dict, settings: Settings, templates, work_dir: Path, log_level: int = logging.INFO
+    by_subject: dict, settings: Settings, templates, work_dir: Path, run: RunInfo,
+    verbosity: logs.Verbosity,
+) -> list[T1wOutcome]:  # fmt: skip
+    """All participants, ``settings.parallel_participants`` at a time, each in its own process
+    (with ``settings.in_process``, one after the other in this one).
+
+    Progress is announced as log records (``progress``): the run's start and end here, the rest
+    by the participants; a participant's process sends its records here through a queue.
+    """
+    parallel = 1 if settings.in_process else settings.parallel_participants
+    start = progress.RunStarted(
+        tuple(by_subject), tuple(len(t1ws) for t1ws in by_subject.values()), settings.templates,
+        parallel,
+    )  # fmt: skip
+    progress.announce(log, start, "%d participant(s), %d at a time", len(by_subject), parallel)
+    try:
+        if settings.in_process:
+            return [
+                outcome
+                for subject, t1ws in by_subject.items()
+                for outcome in run_participant(
+                    subject, t1ws, settings, templates, work_dir, run, verbosity
+                )
+            ]
+        return _run_in_children(by_subject, settings, templates, work_dir, run, verbosity)
+    finally:
+        progress.announce(log, progress.RunEnded(), "every participant ran")
+
+
+def _run_in_children(by_subject, settings, templates, work_dir, run, verbosity):
+    queue = get_context("spawn").Queue()
+    listener = QueueListener(queue, logs.Relay())
+    listener.start()
+    try:
+        shared = (settings, templates, work_dir, run, verbosity, queue)
+        with ThreadPoolExecutor(settings.parallel_participants) as threads:
+            futures = [
+                threads.submit(_run_in_child, subject, t1ws, *shared)
+                for subject, t1ws in by_subject.items()
+            ]
+            return [outcome for future in futures for outcome in future.result()]
+    finally:
+        listener.stop()  # after the records still in the queue
+        queue.close()
+        queue.join_thread()
+
+
+def _run_in_child(
+    subject, t1ws, settings, templates, work_dir, run, verbosity, queue
 ) -> list[T1wOutcome]:
-    """All participants, ``settings.parallel_participants`` at a time, each in its own process."""
-    if settings.in_process:
-        return [
-            outcome
-            for subject, t1ws in by_subject.items()
-            for outcome in run_participant(subject, t1ws, settings, templates, work_dir, log_level)
-        ]
-    with ThreadPoolExecutor(settings.parallel_participants) as threads:
-        futures = [
-            threads.submit(_run_in_child, subject, t1ws, settings, templates, work_dir, log_level)
-            for subject, t1ws in by_subject.items()
-        ]
-        return [outcome for future in futures for outcome in future.result()]
-
-
-def _run_in_child(subject, t1ws, settings, templates, work_dir, log_level) -> list[T1wOutcome]:
     # A fresh process per participant; "spawn" so ITK starts with the thread settings of os.environ.
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"),
+        initializer=logs.configure_child, initargs=(queue, verbosity),
+    ) as pool:  # fmt: skip
         try:
             return pool.submit(
-                run_participant, subject, t1ws, settings, templates, work_dir, log_level
+                _participant_in_child, subject, t1ws, settings, templates, work_dir, run, verbosity
             ).result()
         except Exception as err:  # the process died (memory, segfault): report, go on
             message = f"the participant's process died ({type(err).__name__}: {err})"
-            return [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+            outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+            event = progress.ParticipantEnded(subject, 0, len(t1ws), 0.0)
+            progress.announce(log, event, "sub-%s: the participant's process died", subject)
+            return outcomes
 
 
-def _configure_child_logging(level: int) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    root.setLevel(level)
+def _participant_in_child(*args) -> list[T1wOutcome]:
+    try:
+        return run_participant(*args)
+    finally:
+        logs.flush_child()  # its last records reach the console before its result

@@ -214,6 +214,7 @@ def render_html(subject: str, status: str, results, figures: dict, citation: str
         overview=_overview(results),
         sections=sections,
         methods=_methods_html(citation),
+        about=_about([result.record for result in results]),
         citation_path=_e(drv.CITATION),
         style=_STYLE,
         script=_SCRIPT,
@@ -355,6 +356,57 @@ def _summary_table(record: qc.RunRecord) -> str:
         else ""
     )
     return f'<table class="summary"><tbody>{body}</tbody></table>{details}'
+
+
+def _about(records) -> str:
+    """'About this run': each invocation that wrote this participant's T1w outputs, from their
+    run records (a T1w rerun alone has another run identifier than the others)."""
+    runs: dict[str, list] = {}
+    for record in records:
+        runs.setdefault(record.content.get("RunUUID") or "", []).append(record)
+    tables = []
+    for run_uuid, members in runs.items():
+        content = members[0].content
+        if not run_uuid:
+            names = ", ".join(record.t1w.path.name for record in members)
+            tables.append(f"<p>{_e(names)}: not recorded (run by an older mninorm).</p>")
+            continue
+        rows = [
+            ("Run identifier", f"<code>{_e(run_uuid)}</code>"),
+            ("Command line", f"<code>{_e(content.get('CommandLine') or 'n/a')}</code>"),
+            ("Run started (UTC)", _e(content.get("RunStartTime") or "n/a")),
+        ]
+        rows += [
+            (
+                f"{record.t1w.path.name} (UTC)",
+                _e(f"{record.content.get('StartTime')} to {record.content.get('EndTime')}"),
+            )
+            for record in members
+        ]
+        rows += [
+            (
+                "CPUs",
+                _e(
+                    f"{content.get('CPUCount', 'n/a')} on the machine, "
+                    f"{content.get('CPUAffinityCount', 'n/a')} usable by the run"
+                ),
+            ),
+            (
+                "Threads",
+                _e(
+                    f"{content.get('Threads', 'n/a')} per participant, "
+                    f"{content.get('ParallelParticipants', 'n/a')} participant(s) at a time, "
+                    f"{content.get('ThreadsTotal', 'n/a')} in all"
+                ),
+            ),
+            (
+                "Software",
+                _e(", ".join(f"{k} {v}" for k, v in (content.get("Software") or {}).items())),
+            ),
+        ]
+        body = "".join(f"<tr><th>{_e(label)}</th><td>{value}</td></tr>" for label, value in rows)
+        tables.append(f'<table class="summary about"><tbody>{body}</tbody></table>')
+    return "\n".join(tables)
 
 
 def _qc_table(space_qc: qc.SpaceQC) -> str:
@@ -507,7 +559,8 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <header>
 <h1>sub-{subject} {status_badge}</h1>
-<ul>{navigation}<li><a href="#methods">Methods</a></li></ul>
+<ul>{navigation}<li><a href="#methods">Methods</a></li>
+<li><a href="#about">About this run</a></li></ul>
 </header>
 <section id="overview">
 <h2>Overview</h2>
@@ -520,6 +573,13 @@ JSON sidecar of each <code>*_desc-mninorm_qc.tsv</code>); the participant's stat
 <h2>Methods</h2>
 {methods}
 <p>The same text, to paste into a paper: <a href="{citation_path}">{citation_path}</a>.</p>
+</section>
+<section id="about">
+<h2>About this run</h2>
+<p>The invocation of <code>mninorm</code> that wrote each T1w's outputs, from its run record
+(<code>sub-{subject}/log/*_desc-mninorm_run.json</code>); what it said and what its tools printed
+is in the <code>*_desc-mninorm_log.txt</code> next to it.</p>
+{about}
 </section>
 <footer>mninorm {version}. Built from the files in this folder; rebuild with
 <code>mninorm bids_dir output_dir participant --reports-only</code>.</footer>

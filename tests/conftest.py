@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import nibabel as nib
@@ -245,17 +245,26 @@ def dataset(tmp_path_factory, template_brain, templateflow_home):
 
 @pytest.fixture(scope="session")
 def run(dataset, tmp_path_factory):
-    """One participant-level run, each participant in its own process, as users run it."""
+    """One participant-level run, each participant in its own process, as users run it, with
+    stderr and stdout going to a file (``console``: all that a user would see, not a terminal)."""
     root, truths = dataset
     from bids_app.cli import main
+    from bids_app.logs import output_to
 
     before = tree_digest(root)
     out = tmp_path_factory.mktemp("out")
-    code = main(
-        [str(root), str(out), "participant", "--output-spaces", E2E_SPACE, f"{E2E_SPACE}:res-2",
-         "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"]
-    )  # fmt: skip
-    return {"root": root, "out": out, "code": code, "before": before, "truths": truths}
+    console = tmp_path_factory.mktemp("console") / "console.txt"
+    # The console handler writes to sys.stderr's file; the participants' processes inherit the
+    # file descriptors 1 and 2.
+    with open(console, "a") as stream, redirect_stderr(stream), output_to(console):
+        code = main(
+            [str(root), str(out), "participant", "--output-spaces", E2E_SPACE,
+             f"{E2E_SPACE}:res-2", "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"]
+        )  # fmt: skip
+    return {
+        "root": root, "out": out, "code": code, "before": before, "truths": truths,
+        "console": console.read_text(),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="session")

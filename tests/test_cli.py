@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nibabel as nib
@@ -47,6 +52,82 @@ def test_outputs_match_the_golden_list(run):
     assert _files(run["out"]) == _golden()
 
 
+def test_progress_lines_name_the_participant_place_and_each_step(run):
+    """Not a terminal (the session's run writes stderr to a file): plain timestamped lines. The
+    participants with a T1w, in order: sub-01 (two runs), sub-02, sub-03 (fails at loading)."""
+    console = run["console"]
+    for line in (
+        "sub-01_ses-1_run-1 [1/3] started: sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz",
+        "sub-01_ses-1_run-2 [1/3] bias correction (N4)... ",
+        "sub-02 [2/3] brain extraction... ",
+        f"sub-02 [2/3] registration to {SPACE} (Greedy, 3 mm grid)... ",
+        f"sub-02 [2/3] outputs in {SPACE}... ",
+        "sub-03 [3/3] load and check the header... failed after ",
+        "sub-03 [3/3] FAILED in ",
+        "sub-01 [1/3] finished in ",
+        "(0 T1w ok, 1 failed)",
+        "3/3 participants done",
+    ):
+        assert line in console, line
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO "
+    assert re.search(stamp + r"sub-02 \[2/3\] registration to .*\.\.\. \d+ s$", console, re.M)
+    # A T1w's details are in its log file, not on the console (-v shows them)
+    assert "skull strip:" not in console
+    details = (run["out"] / "sub-02" / "log" / "sub-02_desc-mninorm_log.txt").read_text()
+    assert "sub-02: sub-02/anat/sub-02_T1w.nii.gz (LIA, header: " in details
+    assert "sub-02: registration to" in details
+
+
+def test_compiled_code_output_goes_to_the_t1w_log_never_to_the_console(run):
+    """Greedy's line search prints 'IFLAG= -1 LINE SEARCH FAILED ...' to file descriptor 1 on runs
+    that pass QC: the issue's noise."""
+    logs = {p.name: p.read_text() for p in run["out"].glob("sub-*/log/*_desc-mninorm_log.txt")}
+    assert any("LINE SEARCH FAILED" in text for text in logs.values()), list(logs)
+    assert "IFLAG" not in run["console"] and "LINE SEARCH" not in run["console"]
+
+
+def _record(out: Path, subject: str, prefix: str) -> dict:
+    path = out / f"sub-{subject}" / "log" / f"{prefix}_desc-mninorm_run.json"
+    return json.loads(path.read_text())
+
+
+def test_run_records_name_the_invocation_its_times_and_cpus(run):
+    out = run["out"]
+    # sub-01 and sub-03 ran in two processes of the session's invocation (sub-02 is rerun below)
+    records = [_record(out, "01", "sub-01_ses-1_run-1"), _record(out, "01", "sub-01_ses-1_run-2"),
+               _record(out, "03", "sub-03")]  # fmt: skip
+    assert len({record["RunUUID"] for record in records}) == 1
+    assert uuid.UUID(records[0]["RunUUID"]).version == 4
+    for record in records:
+        words = shlex.split(record["CommandLine"])
+        assert words[1:4] == [str(run["root"]), str(out), "participant"]
+        assert "--preset" in words and words[words.index("--preset") + 1] == "fast"
+        run_start, start, end = (
+            datetime.fromisoformat(record[key]) for key in ("RunStartTime", "StartTime", "EndTime")
+        )
+        assert start.utcoffset() == timedelta(0) and end.utcoffset() == timedelta(0)
+        assert run_start <= start <= end
+        assert record["CPUCount"] == os.cpu_count()
+        assert record["CPUAffinityCount"] == len(os.sched_getaffinity(0))
+        # --nthreads 2: both for one participant at a time (--omp-nthreads defaults to it)
+        assert (record["Threads"], record["ThreadsTotal"]) == (2, 2)
+        assert record["ParallelParticipants"] == 1
+
+
+def test_the_report_tells_about_the_run(run):
+    record = _record(run["out"], "01", "sub-01_ses-1_run-1")
+    page = (run["out"] / "sub-01.html").read_text()
+    about = page.split('<section id="about">', 1)[1].split("</section>", 1)[0]
+    assert "About this run" in about
+    assert record["RunUUID"] in about
+    assert html.escape(record["CommandLine"]) in about
+    assert f"{record['RunStartTime']}" in about
+    assert f"{record['StartTime']} to {record['EndTime']}" in about
+    assert f"{os.cpu_count()} on the machine" in about
+    assert "2 per participant, 1 participant(s) at a time, 2 in all" in about
+    assert '<a href="#about">' in page
+
+
 def test_input_dataset_is_not_modified(run):
     assert tree_digest(run["root"]) == run["before"]
 
@@ -55,6 +136,7 @@ def test_dataset_description_and_bidsignore(run):
     description = json.loads((run["out"] / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "mninorm"
+    assert "desc-mninorm_run.json" in description["GeneratedBy"][0]["Description"]
     assert description["SourceDatasets"]
     ignored = (run["out"] / ".bidsignore").read_text().split()
     assert "*_xfm.*" in ignored and "*_logjacobian.*" in ignored
@@ -177,6 +259,30 @@ def test_rerun_of_one_participant_keeps_the_others_and_leaves_no_partial_files(r
     assert code == ExitCode.OK
     assert {p: p.stat().st_mtime_ns for p in others} == others
     assert _files(out) == _golden()  # no leftover temporary files
+    rerun = _record(out, "02", "sub-02")
+    assert rerun["RunUUID"] != _record(out, "01", "sub-01_ses-1_run-1")["RunUUID"]
+
+
+def test_in_process_tool_output_stays_off_the_console_and_the_descriptors_come_back(
+    dataset, tmp_path, capfd
+):
+    """--in-process: the T1w's log file takes this very process's descriptors 1 and 2, and the
+    console still reaches stderr meanwhile."""
+    root, _ = dataset
+    out = tmp_path / "out"
+    code = main(
+        [str(root), str(out), "participant", "--participant-label", "02", "--output-spaces",
+         SPACE, "--preset", "fast", "--nthreads", "1", "--skip-bids-validation", "--in-process"]
+    )  # fmt: skip
+    captured = capfd.readouterr()
+    assert code == ExitCode.OK
+    assert "IFLAG" not in captured.out + captured.err
+    t1w_log = (out / "sub-02" / "log" / "sub-02_desc-mninorm_log.txt").read_text()
+    assert "LINE SEARCH FAILED" in t1w_log
+    assert f"sub-02 [1/1] registration to {SPACE} (Greedy, 3 mm grid)... " in captured.err
+    assert "sub-02 [1/1] finished in " in captured.err
+    os.write(1, b"descriptor 1 is back\n")
+    assert capfd.readouterr().out == "descriptor 1 is back\n"
 
 
 def test_same_seed_and_one_thread_give_identical_outputs(dataset, tmp_path):

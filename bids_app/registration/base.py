@@ -20,11 +20,12 @@ from typing import Protocol
 class EngineInfo:
     label: str  # how sidecars name the engine
     package: str  # the Python distribution whose version the sidecars record
+    short: str  # how the progress lines name it
 
 
 ENGINES: dict[str, EngineInfo] = {
-    "ants": EngineInfo("ANTsPy antsRegistration", "antspyx"),
-    "greedy": EngineInfo("Greedy (picsl-greedy)", "picsl-greedy"),
+    "ants": EngineInfo("ANTsPy antsRegistration", "antspyx", "ANTs"),
+    "greedy": EngineInfo("Greedy (picsl-greedy)", "picsl-greedy", "Greedy"),
 }
 
 

@@ -33,6 +33,9 @@ from bids_app.registration.ants import as_pixeltype, fixed_on_grid
 from bids_app.registration.base import RegistrationResult, by_level, one_line, stages_sentence
 
 log = logging.getLogger(__name__)
+# Greedy's own messages (every iteration with -vv), under its package's name: the console treats
+# them as another package's, and leaves them to the T1w's log file (bids_app.logs).
+greedy_log = logging.getLogger("picsl_greedy")
 
 PACKAGE = "picsl-greedy"
 
@@ -349,7 +352,7 @@ class _Runner:
             ) from err
         finally:
             if messages.getvalue().strip():
-                log.debug("greedy output:\n%s", messages.getvalue().rstrip())
+                greedy_log.debug("greedy output:\n%s", messages.getvalue().rstrip())
 
 
 def _new_greedy():
