@@ -102,10 +102,17 @@ RULES: tuple[Rule, ...] = (
     # (maskcheck.py): fail thresholds are brain extraction's own limits, which decide fallback.
     Rule(
         "mask_min_sector_coverage",
-        (MASK_LIMITS["min_sector_coverage"][0] + 0.05, _INF),
+        (MASK_LIMITS["min_sector_coverage"][0] + 0.10, _INF),
         (MASK_LIMITS["min_sector_coverage"][0], _INF),
         "the brain mask misses part of the brain (a lobe, the cerebellum): it leaves a sector "
         "of the template's brain uncovered",
+    ),
+    Rule(
+        "mask_volume_ratio",
+        (0.85, 1.15),
+        MASK_LIMITS["volume_ratio"],
+        "the brain mask is much smaller or larger than the template's brain placed on the T1w "
+        "(a mask too tight, or holding skull)",
     ),
     Rule(
         "mask_outside_fraction",
@@ -152,6 +159,8 @@ COLUMNS: dict[str, str] = {
     "on the T1w by the final transform's linear part (no warp to hide a miss): the smallest "
     "share of a sector of the template brain (octants, and the quadrants of its lowest quarter, "
     "where the cerebellum and temporal poles are) that the mask covers",
+    "mask_volume_ratio": "volume of the native brain mask over that of the template's brain mask "
+    "placed on the T1w by the final transform's linear part",
     "mask_outside_fraction": "share of the native brain mask lying more than "
     f"{OUTSIDE_DISTANCE_MM:g} mm outside that placed template brain (skull, neck, eyes)",
     "source_orientation": "voxel axis orientation of the input before it was reoriented to RAS",
@@ -402,6 +411,7 @@ def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch
         "brain_volume_ml": float((np.asarray(native_mask.dataobj) > 0).sum() * voxel_ml),
         "mask_min_sector_coverage": mask_check.min_sector_coverage,
         "mask_outside_fraction": mask_check.outside_fraction,
+        "mask_volume_ratio": mask_check.volume_ratio,
     }
 
 

@@ -37,6 +37,9 @@ QC_ROWS = {
     "logjac_iqr": ("Interquartile range of the log-Jacobian", "{:.3f}"),
     "affine_volume_ratio": ("Global volume ratio (affine part)", "{:.3f}"),
     "brain_volume_ml": ("Native brain volume (ml)", "{:.0f}"),
+    "mask_min_sector_coverage": ("Brain mask: least-covered template brain sector", "{:.0%}"),
+    "mask_volume_ratio": ("Brain mask: volume over the placed template brain's", "{:.2f}"),
+    "mask_outside_fraction": ("Brain mask: share far outside the template brain", "{:.1%}"),
 }
 
 

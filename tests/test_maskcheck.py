@@ -63,7 +63,7 @@ def test_a_brain_missing_a_part_fails(placed, missing):
     centre, low, high = _centre(template_mask)
     bottom = low[2] + 0.3 * (centre[2] - low[2])  # the lowest ~third below the centre
     if missing == "cerebellum":
-        cut = lambda x, y, z: (z < bottom + 10) & (y < centre[1] - 15)  # noqa: E731
+        cut = lambda x, y, z: (z < bottom + 20) & (y < centre[1] - 10)  # noqa: E731
     else:
         side = -1 if missing.startswith("left") else 1
         cut = lambda x, y, z: (side * (x - centre[0]) > 30) & (z < centre[2] - 5) & (  # noqa: E731
@@ -98,3 +98,17 @@ def test_a_wrong_placement_is_not_mistaken_for_a_good_mask(placed):
     shifted = template_to_native.copy()
     shifted[:3, 3] += (0.0, 0.0, 25.0)
     assert mask_problems(check_mask(native, template_mask, shifted))
+
+
+def test_a_mask_much_too_tight_fails(placed):
+    """Eroded by 7.5 mm all round: far less than a brain's volume."""
+    template_mask, native, template_to_native = placed
+    inside = np.asarray(native.dataobj) > 0
+    tight = ndimage.binary_erosion(inside, iterations=5)
+    check = check_mask(
+        nib.Nifti1Image(tight.astype(np.uint8), native.affine), template_mask, template_to_native
+    )
+    assert check.volume_ratio < LIMITS["volume_ratio"][0]
+    assert any("too tight" in p for p in mask_problems(check))
+    status, _ = qc.grade({"mask_volume_ratio": check.volume_ratio})
+    assert status == "fail"
