@@ -5,11 +5,12 @@ composite files (``registration.composite.write_composite``), so everything afte
 (resampling, Jacobians, QC, reports, the group level) runs as with a real engine, in a fraction of
 the time, on transforms known exactly:
 
-* the affine (template points -> participant points) is the one given to the constructor, where
-  the registration "converges" whatever its start (a participant's known pose); without one, it
-  stays where it started: ``initial_xfm``'s (brain extraction starts from its search,
-  ``headstart``; the main registration from brain extraction's affine or from a search), else the
-  identity;
+* the affine (template points -> participant points) is the participant's known pose, given to
+  the constructor: the registration "converges" to it whatever its start. The participant is
+  found in ``out_prefix`` (the pipeline's work folder is ``<work>/sub-<label>/...``). Without
+  one, the affine stays where it started: ``initial_xfm``'s (brain extraction starts from its
+  search, ``headstart``; the main registration from brain extraction's affine or from a
+  search), else the identity;
 * presets with a deformable stage add ``displacement``, a smooth field known in closed form, on
   the fixed image's grid; its Jacobian is ``log_jacobian``.
 
@@ -30,7 +31,8 @@ import numpy as np
 
 from bids_app.registration.base import LINEAR_PRESETS, REQUIRED_PRESETS, RegistrationResult
 
-AMPLITUDE_MM = 2.0
+# Small enough for QC to pass a run on known poses; its log-Jacobian still spans +-0.15.
+AMPLITUDE_MM = 0.5
 WAVELENGTH_MM = 60.0
 # What the fake "prints" to descriptor 1, as compiled engines do (Greedy's line search): the
 # participant's log file must catch it, the console must not show it.
@@ -58,25 +60,17 @@ class FakeEngine:
     ``DIVERGED_VOLUME``, as a real affine that diverged (brain extraction's fallback must catch it).
     """
 
-    def __init__(self, name="greedy", affine=None, amplitude=AMPLITUDE_MM, diverging=0):
+    def __init__(self, name="greedy", poses=None, amplitude=AMPLITUDE_MM, diverging=0):
         self.name = name
-        self.affine = None if affine is None else np.asarray(affine, dtype=float)
+        self.poses = dict(poses or {})  # 'sub-01' -> its affine, template -> participant points
         self.amplitude = amplitude
         self.diverging = diverging
         self.calls: list[str] = []  # the presets asked for, in order
 
     def register(
-        self,
-        fixed,
-        moving,
-        *,
-        preset: str,
-        out_prefix: Path,
-        seed: int,
-        fixed_mask=None,
-        moving_mask=None,
-        initial_xfm: Path | None = None,
-    ) -> RegistrationResult:
+        self, fixed, moving, *, preset: str, out_prefix: Path, seed: int, fixed_mask=None,
+        moving_mask=None, initial_xfm: Path | None = None,
+    ) -> RegistrationResult:  # fmt: skip
         from bids_app.registration.composite import write_composite
         from bids_app.transforms import CompositeTransform, read_composite
 
@@ -85,7 +79,7 @@ class FakeEngine:
         start = time.perf_counter()
         self.calls.append(preset)
         os.write(1, f"{CHATTER} {self.name} {preset}\n".encode())
-        affine = self.affine
+        affine = next((self.poses[p] for p in Path(out_prefix).parts if p in self.poses), None)
         if affine is None:
             affine = np.eye(4) if initial_xfm is None else read_composite(initial_xfm).linear
         if preset == "head-linear" and self.calls.count(preset) <= self.diverging:
@@ -128,9 +122,9 @@ class FakeEngines:
 
     ``diverging``: engine name -> its ``FakeEngine``'s ``diverging`` (the others' is 0)."""
 
-    def __init__(self, affine=None, amplitude=AMPLITUDE_MM, diverging=None):
-        self.affine, self.amplitude = affine, amplitude
+    def __init__(self, poses=None, amplitude=AMPLITUDE_MM, diverging=None):
+        self.poses, self.amplitude = poses, amplitude
         self.diverging = dict(diverging or {})
 
     def __call__(self, name: str) -> FakeEngine:
-        return FakeEngine(name, self.affine, self.amplitude, self.diverging.get(name, 0))
+        return FakeEngine(name, self.poses, self.amplitude, self.diverging.get(name, 0))

@@ -43,7 +43,7 @@ def _run(root, out, *extra):
     return main(
         [str(root), str(out), "participant", "--output-spaces", E2E_SPACE, "--preset", "fast",
          "--nthreads", "2", "--skip-bids-validation", "--in-process", *extra],
-        engines=FakeEngines(np.linalg.inv(POSE), diverging={DEFAULT_ENGINE: 1}),
+        engines=FakeEngines({"sub-01": np.linalg.inv(POSE)}, diverging={DEFAULT_ENGINE: 1}),
     )  # fmt: skip
 
 
