@@ -15,6 +15,7 @@ from bids_app import __version__
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
 from bids_app.provenance import RunInfo, start_run
+from bids_app.registration.base import EngineFactory, get_engine
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
     DEFAULT_ENGINE,
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_engine) -> Settings:
     from bids_app.discovery import load_filter_file
 
     if args.analysis_level not in ("participant", "group"):
@@ -206,6 +207,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         brain_template_required=args.brain_template is not None,
         fallback=not args.no_fallback,
         in_process=args.in_process,
+        engines=engines,
     )
 
 
@@ -216,19 +218,22 @@ class _UnknownLevel(MninormError):
         super().__init__(f"unknown analysis level {level!r}: use 'participant' or 'group'")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engines: EngineFactory = get_engine) -> int:
+    """The command; ``engines`` gives the registration engines by name (tests pass a fake's)."""
     # The invocation, once, here: its identifier and start are the same for every participant.
     run = start_run(sys.argv if argv is None else ["mninorm", *argv])
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
     with console_logging(verbosity):
-        return _run(args, run, verbosity)
+        return _run(args, run, verbosity, engines)
 
 
-def _run(args: argparse.Namespace, run: RunInfo, verbosity: Verbosity) -> int:
+def _run(
+    args: argparse.Namespace, run: RunInfo, verbosity: Verbosity, engines: EngineFactory
+) -> int:
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args, engines)
         _set_thread_environment(settings.omp_nthreads)
         if settings.analysis_level == "group":
             return run_group(settings, args.group_by)

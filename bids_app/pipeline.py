@@ -117,10 +117,9 @@ def process_t1w(
     from bids_app.bias import correct_bias
     from bids_app.brain import looks_skull_stripped, mask_from_nonzero
     from bids_app.images import load_t1w, nifti_to_ants
-    from bids_app.registration import get_engine
 
     timer = _StepTimer(record.setdefault("StepSeconds", {}), t1w, settings)
-    engine = get_engine(settings.engine)
+    engine = settings.engines(settings.engine)
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
     work.mkdir(parents=True, exist_ok=True)
@@ -212,7 +211,6 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
     """Brain extraction with its fallback plan: the extraction template first, then the first
     output template's head, then the other engine."""
     from bids_app.brain import brain_template, extract_brain, extraction_plans
-    from bids_app.registration import get_engine
     from bids_app.settings import ENGINES
 
     candidates = []
@@ -230,8 +228,8 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
     first = settings.templates[0]
     if first not in [candidate.name for candidate in candidates]:
         candidates.append(brain_template(first, *template_images[first]))
-    engines = [get_engine(settings.engine)]
-    engines += [get_engine(name) for name in ENGINES if name != settings.engine]
+    engines = [settings.engines(settings.engine)]
+    engines += [settings.engines(name) for name in ENGINES if name != settings.engine]
     plans = extraction_plans(candidates, engines, settings.fallback)
     return extract_brain(preproc, plans, work / "brain_", settings.random_seed)
 

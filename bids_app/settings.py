@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_app.errors import MissingInputError, UsageError
+from bids_app.registration.base import EngineFactory, get_engine
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real
+    # ones, or the tests' fake. It must pickle: participants run in spawned processes.
+    engines: EngineFactory = field(default=get_engine, compare=False, repr=False)
 
     @property
     def templates(self) -> tuple[str, ...]:

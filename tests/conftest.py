@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from browser import browser  # noqa: F401 - one session-wide browser for every module (by name)
+from fakes import FakeEngines
 from scipy import ndimage
 
 TEST_TEMPLATE = "MNI152NLin2009aSym"  # what nilearn's brain really is
@@ -223,17 +224,28 @@ def tree_digest(root: Path) -> dict:
     }
 
 
+# The participants' poses in ``dataset`` (participant points -> template points)
+DATASET_POSES = {
+    "sub-01": known_affine(),
+    "sub-02": known_affine(rot_deg=(-5, 4, -7), shift=(-3, 5, -4), scale=(0.96, 1.04, 1.0)),
+}
+
+
+def dataset_engines() -> FakeEngines:
+    """The fake engine that finds ``dataset``'s participants where they are."""
+    return FakeEngines({sub: np.linalg.inv(pose) for sub, pose in DATASET_POSES.items()})
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, template_brain, templateflow_home):
     """sub-01: a skull-stripped brain, run-1 stored RAS and run-2 the same image stored LAS;
     sub-02: a whole head stored LIA; sub-03: a 4D T1w (fails); sub-04: no T1w at all."""
     root = tmp_path_factory.mktemp("bids")
     write_dataset_description(root)
-    brain = participant_brain(template_brain)
+    brain = participant_brain(template_brain, DATASET_POSES["sub-01"])
     save_t1w(brain, root, "01", session="1", run="1")
     save_t1w(reorient(brain, "LAS"), root, "01", session="1", run="2")
-    other = known_affine(rot_deg=(-5, 4, -7), shift=(-3, 5, -4), scale=(0.96, 1.04, 1.0))
-    head_brain = participant_brain(template_brain, other, "LIA")
+    head_brain = participant_brain(template_brain, DATASET_POSES["sub-02"], "LIA")
     save_t1w(with_skull(head_brain, seed=2), root, "02")
     four_d = nib.Nifti1Image(np.stack([brain.get_fdata()] * 2, axis=-1), brain.affine)
     save_t1w(four_d, root, "03")
@@ -246,7 +258,10 @@ def dataset(tmp_path_factory, template_brain, templateflow_home):
 @pytest.fixture(scope="session")
 def run(dataset, tmp_path_factory):
     """One participant-level run, each participant in its own process, as users run it, with
-    stderr and stdout going to a file (``console``: all that a user would see, not a terminal)."""
+    stderr and stdout going to a file (``console``: all that a user would see, not a terminal).
+
+    The registrations are the fake engine's (tests/fakes.py): what a real one adds is checked by
+    tests/test_registration.py and the real end-to-end run of tests/test_cli.py."""
     root, truths = dataset
     from bids_app.cli import main
     from bids_app.logs import output_to
@@ -259,7 +274,8 @@ def run(dataset, tmp_path_factory):
     with open(console, "a") as stream, redirect_stderr(stream), output_to(console):
         code = main(
             [str(root), str(out), "participant", "--output-spaces", E2E_SPACE,
-             f"{E2E_SPACE}:res-2", "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"]
+             f"{E2E_SPACE}:res-2", "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"],
+            engines=dataset_engines(),
         )  # fmt: skip
     return {
         "root": root, "out": out, "code": code, "before": before, "truths": truths,

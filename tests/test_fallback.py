@@ -17,59 +17,39 @@ from conftest import (
     with_skull,
     write_dataset_description,
 )
+from fakes import FakeEngines
 
 from bids_app.errors import ExitCode
+from bids_app.settings import DEFAULT_ENGINE
 
-
-class _DivergingFirst:
-    """The real Greedy engine, except that its first head-to-template affine 'diverges' (the
-    volume blown up 27 times, as a real head's did: a volume ratio of 523)."""
-
-    name = "greedy"
-
-    def __init__(self):
-        from bids_app.registration.greedy import GreedyEngine
-
-        self.real = GreedyEngine()
-        self.sabotaged = False
-
-    def register(self, fixed, moving, *, preset, **options):
-        from bids_app.registration.composite import write_composite
-        from bids_app.transforms import CompositeTransform, read_composite
-
-        result = self.real.register(fixed, moving, preset=preset, **options)
-        if preset == "head-linear" and not self.sabotaged:
-            self.sabotaged = True
-            diverged = read_composite(result.forward_xfm).linear @ np.diag([3.0, 3.0, 3.0, 1.0])
-            write_composite(CompositeTransform((diverged,)), result.forward_xfm)
-        return result
+# The participant's pose: participant points -> template points
+POSE = known_affine(rot_deg=(10, -4, 6), shift=(2, -3, 4), scale=(1.02, 0.98, 1.0))
 
 
 @pytest.fixture(scope="module")
 def head_dataset(tmp_path_factory, template_brain, templateflow_home):
     root = tmp_path_factory.mktemp("fallback_bids")
     write_dataset_description(root)
-    pose = known_affine(rot_deg=(10, -4, 6), shift=(2, -3, 4), scale=(1.02, 0.98, 1.0))
-    save_t1w(with_skull(participant_brain(template_brain, pose, "LIA"), seed=5), root, "01")
+    save_t1w(with_skull(participant_brain(template_brain, POSE, "LIA"), seed=5), root, "01")
     return root
 
 
-def _run(root, out, monkeypatch, *extra):
-    from bids_app import registration
+def _run(root, out, *extra):
+    """The fake engine (tests/fakes.py) finds the participant's pose, except that its first
+    head-to-template affine 'diverges': the volume blown up 27 times, as a real head's did (a
+    volume ratio of 523)."""
     from bids_app.cli import main
 
-    engines = {"greedy": _DivergingFirst()}
-    real = registration.get_engine
-    monkeypatch.setattr(registration, "get_engine", lambda name: engines.get(name) or real(name))
     return main(
         [str(root), str(out), "participant", "--output-spaces", E2E_SPACE, "--preset", "fast",
-         "--nthreads", "2", "--skip-bids-validation", "--in-process", *extra]
+         "--nthreads", "2", "--skip-bids-validation", "--in-process", *extra],
+        engines=FakeEngines({"sub-01": np.linalg.inv(POSE)}, diverging={DEFAULT_ENGINE: 1}),
     )  # fmt: skip
 
 
-def test_a_failed_first_attempt_is_retried_and_recorded(head_dataset, tmp_path, monkeypatch):
+def test_a_failed_first_attempt_is_retried_and_recorded(head_dataset, tmp_path):
     out = tmp_path / "out"
-    assert _run(head_dataset, out, monkeypatch) == ExitCode.OK
+    assert _run(head_dataset, out) == ExitCode.OK
 
     record = json.loads((out / "sub-01/log/sub-01_desc-mninorm_run.json").read_text())
     extraction = record["BrainExtraction"]
@@ -94,9 +74,9 @@ def test_a_failed_first_attempt_is_retried_and_recorded(head_dataset, tmp_path, 
     assert "diverged" in report
 
 
-def test_without_fallback_the_t1w_fails_with_the_reason(head_dataset, tmp_path, monkeypatch):
+def test_without_fallback_the_t1w_fails_with_the_reason(head_dataset, tmp_path):
     out = tmp_path / "out"
-    assert _run(head_dataset, out, monkeypatch, "--no-fallback") == ExitCode.PARTICIPANT_FAILED
+    assert _run(head_dataset, out, "--no-fallback") == ExitCode.PARTICIPANT_FAILED
 
     record = json.loads((out / "sub-01/log/sub-01_desc-mninorm_run.json").read_text())
     assert record["Status"] == "failed"

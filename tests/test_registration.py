@@ -279,3 +279,16 @@ def test_greedy_engine_without_picsl_greedy_says_how_to_install_it(monkeypatch, 
     with pytest.raises(RegistrationError, match=r"pip install \"picsl-greedy>=1.4\"") as err:
         get_engine("greedy").register(fixed, fixed, preset="fast", out_prefix=Path("x_"), seed=1)
     assert "--engine ants" in str(err.value)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_offers_the_presets_the_pipeline_asks_for(engine):
+    """The protocol's presets (base.REQUIRED_PRESETS), with a deformable stage where the
+    pipeline reads a displacement field (all but base.LINEAR_PRESETS); the fake engine
+    (tests/fakes.py) offers the same."""
+    from bids_app.registration.base import LINEAR_PRESETS, REQUIRED_PRESETS, get_preset
+
+    for name in REQUIRED_PRESETS:
+        preset = get_preset(engine, name)
+        deformable = any(word in preset.description for word in ("SyN", "diffeomorphic"))
+        assert deformable == (name not in LINEAR_PRESETS), (name, preset.description)

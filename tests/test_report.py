@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from browser import open_report
 from conftest import TEST_TEMPLATE, save_t1w, write_dataset_description
+from fakes import FakeEngines
 from PIL import Image
 from qc_cases import write_synthetic_outputs
 
@@ -190,9 +191,11 @@ def test_reports_only_of_an_unprocessed_participant_is_an_error(run, capfd):
 
 
 def test_a_front_back_flipped_header_gets_a_worse_status_than_the_good_run(dataset, run, tmp_path):
-    """A real bad normalisation: the header of sub-01's run-1 claims the voxel rows run back to
-    front. The rigid stage cannot undo a mirror image, so the warp ends up wrong, and QC must say
-    so. (A left-right flip is invisible to image similarity on this symmetric test template.)"""
+    """A bad normalisation: the header of sub-01's run-1 claims the voxel rows run back to front.
+    The fake engine (tests/fakes.py) stays at the start search's pose, which, as a rigid stage,
+    cannot undo a mirror image, so the normalisation ends up wrong, and QC must say so. (A
+    left-right flip is invisible to image similarity on this symmetric test template.) QC of a real
+    bad registration: test_real_scan_passes_and_its_affine_only_registration_does_not (slow)."""
     root, _ = dataset
     good = root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_run-1_T1w.nii.gz"
     img = nib.load(good)
@@ -204,7 +207,8 @@ def test_a_front_back_flipped_header_gets_a_worse_status_than_the_good_run(datas
     out = tmp_path / "out"
     code = main(
         [str(bids), str(out), "participant", "--output-spaces", SPACE, "--preset", "fast",
-         "--nthreads", "2", "--skip-bids-validation", "--in-process"]
+         "--nthreads", "2", "--skip-bids-validation", "--in-process"],
+        engines=FakeEngines(),
     )  # fmt: skip
     assert code == ExitCode.OK  # the run itself succeeds: only QC can tell
     table = "sub-01/ses-1/anat/sub-01_ses-1_run-1_desc-mninorm_qc.tsv"

@@ -11,6 +11,7 @@ they are:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,7 +37,22 @@ class RegistrationResult:
     seconds: float
 
 
+# The presets every engine offers: the users' (``--preset``, settings.PRESETS) and brain
+# extraction's (brain.py: the head's affine, then a coarse warp from it).
+REQUIRED_PRESETS = ("precise", "fast", "head-linear", "head-syn")
+# Their transforms are one affine; the others' are [affine, displacement field] (forward).
+LINEAR_PRESETS = ("head-linear",)
+
+
 class RegistrationEngine(Protocol):
+    """An engine offers every preset of ``REQUIRED_PRESETS`` by name.
+
+    ``register`` writes the forward and inverse composites (see the module's docstring): one
+    affine for ``LINEAR_PRESETS``, else [affine, field] forward and [field, affine] inverse, the
+    field on the fixed image's (preset) grid. ``initial_xfm`` (a linear .h5) is where the affine
+    starts; a preset without an affine stage (``head-syn``) keeps it as it is.
+    """
+
     name: str
 
     def register(
@@ -102,6 +118,7 @@ def by_level(values) -> str:
 
 
 def get_engine(name: str = "ants") -> RegistrationEngine:
+    """The real engines, by name (``Settings.engines``' default)."""
     if name == "ants":
         from bids_app.registration.ants import AntsEngine
 
@@ -111,6 +128,11 @@ def get_engine(name: str = "ants") -> RegistrationEngine:
 
         return GreedyEngine()
     raise ValueError(f"unknown registration engine {name!r}; choose one of {', '.join(ENGINES)}")
+
+
+# Engines by name: ``get_engine``, or the tests' fake (tests/fakes.py). It must pickle (by
+# reference: a module-level function or class instance), as participants run in spawned processes.
+EngineFactory = Callable[[str], RegistrationEngine]
 
 
 def get_preset(engine: str, name: str) -> EnginePreset:
