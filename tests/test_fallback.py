@@ -86,3 +86,51 @@ def test_without_fallback_the_t1w_fails_with_the_reason(head_dataset, tmp_path):
     with open(out / "sub-01/anat/sub-01_desc-mninorm_qc.tsv", newline="") as handle:
         row = next(csv.DictReader(handle, delimiter="\t"))
     assert row["status"] == "fail" and "diverged" in row["status_reasons"]
+
+
+class _RealEngineDivergingFirst:
+    """The real Greedy engine, except that its first head-to-template affine is blown up 27
+    times: the attempts after it register for real."""
+
+    name = "greedy"
+
+    def __init__(self):
+        from bids_app.registration.greedy import GreedyEngine
+
+        self.real = GreedyEngine()
+        self.sabotaged = False
+
+    def register(self, fixed, moving, *, preset, **options):
+        from bids_app.registration.composite import write_composite
+        from bids_app.transforms import CompositeTransform, read_composite
+
+        result = self.real.register(fixed, moving, preset=preset, **options)
+        if preset == "head-linear" and not self.sabotaged:
+            self.sabotaged = True
+            diverged = read_composite(result.forward_xfm).linear @ np.diag([3.0, 3.0, 3.0, 1.0])
+            write_composite(CompositeTransform((diverged,)), result.forward_xfm)
+        return result
+
+
+@pytest.mark.slow
+def test_real_registrations_rescue_a_diverged_first_attempt(head_dataset, tmp_path):
+    """The same, with real registrations after the sabotaged one (the fake test's counterpart)."""
+    from bids_app.cli import main
+    from bids_app.registration import get_engine
+
+    sabotaged = _RealEngineDivergingFirst()
+    engines = lambda name: sabotaged if name == "greedy" else get_engine(name)  # noqa: E731
+    out = tmp_path / "out"
+    code = main(
+        [str(head_dataset), str(out), "participant", "--output-spaces", E2E_SPACE, "--preset",
+         "fast", "--engine", "greedy", "--nthreads", "2", "--skip-bids-validation",
+         "--in-process"],
+        engines=engines,
+    )  # fmt: skip
+    assert code == ExitCode.OK
+    record = json.loads((out / "sub-01/log/sub-01_desc-mninorm_run.json").read_text())
+    first, *others = record["BrainExtraction"]["Attempts"]
+    assert "diverged" in " ".join(first["Problems"])
+    assert others[-1]["Problems"] == [] and others[-1]["MinSectorCoverage"] > 0.8
+    with open(out / "sub-01/anat/sub-01_desc-mninorm_qc.tsv", newline="") as handle:
+        assert next(csv.DictReader(handle, delimiter="\t"))["status"] != "fail"
