@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     heads.add_argument("--threads", type=int, default=2, help="threads of every run (2)")
     heads.add_argument("--force", action="store_true", help="re-run rows already in the CSV")
+    heads.add_argument(
+        "--report-only", action="store_true", help="rebuild heads.md from heads.csv, run nothing"
+    )
     heads.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "heads":
         from benchmarks.heads import run as run_heads
 
-        return run_heads(args.out, args.cases, args.settings, args.threads, args.force)
+        return run_heads(
+            args.out, args.cases, args.settings, args.threads, args.force, args.report_only
+        )
     if args.command == "report":
         from benchmarks.report import read_rows
         from benchmarks.runner import write_report

@@ -493,6 +493,7 @@ def calibrate(out: Path, setting: str = "default") -> list[dict]:
                 "min_sector_coverage": round(check.min_sector_coverage, 3),
                 "worst_sector": check.worst_sector,
                 "outside_fraction": round(check.outside_fraction, 3),
+                "volume_ratio": round(check.volume_ratio, 3),
                 "volume_ml": round(check.volume_ml),
             })  # fmt: skip
     return rows
@@ -545,16 +546,18 @@ def calibration_table(rows: list[dict]) -> list[str]:
         "Masks of the two labelled heads, damaged the ways brain extraction fails, measured as QC "
         "measures them (the linear part of mninorm's final transform for that head). Limits: "
         f"min sector coverage >= {LIMITS['min_sector_coverage'][0]}, outside fraction <= "
-        f"{LIMITS['outside_fraction'][1]}.",
+        f"{LIMITS['outside_fraction'][1]}, volume ratio {LIMITS['volume_ratio'][0]}-"
+        f"{LIMITS['volume_ratio'][1]}.",
         "",
         "| head | mask | Dice with FreeSurfer | min sector coverage (sector) | outside fraction "
-        "| volume ml |",
-        "|---|---|---|---|---|---|",
+        "| volume ratio | volume ml |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['head']} | {r['mask']} | {r['dice']:.3f} | {r['min_sector_coverage']:.3f} "
-            f"({r['worst_sector']}) | {r['outside_fraction']:.3f} | {r['volume_ml']} |"
+            f"({r['worst_sector']}) | {r['outside_fraction']:.3f} | {r['volume_ratio']:.2f} | "
+            f"{r['volume_ml']} |"
         )
     return lines
 
@@ -563,8 +566,10 @@ def calibration_table(rows: list[dict]) -> list[str]:
 
 
 def run(out: Path, case_names: list[str] | None, settings: list[str], threads: int,
-        force: bool) -> int:  # fmt: skip
+        force: bool, report_only: bool = False) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    if report_only:
+        return _report(out, read_rows(out))
     # Scoring reads the template here too (landmarks, calibration): the same offline home.
     environment = _environment(threads)
     for name in ("TEMPLATEFLOW_HOME", "TEMPLATEFLOW_AUTOUPDATE"):
@@ -592,9 +597,15 @@ def run(out: Path, case_names: list[str] | None, settings: list[str], threads: i
             rows[(case.name, setting)] = run_case(case, setting, out, threads)
             write_rows(out, rows)
             log.info("  %s", asdict(rows[(case.name, setting)]))
+    return _report(out, rows)
+
+
+def _report(out: Path, rows: dict) -> int:
+    """heads.md from the CSV, with the calibration of the mask checks on the default runs."""
+    os.environ.setdefault("TEMPLATEFLOW_HOME", str(DATA_ROOT / "templateflow"))
     path = write_report(out, rows)
-    if "default" in settings:
-        calibration = calibrate(out)
+    calibration = calibrate(out)
+    if calibration:
         with open(path, "a") as report:
             report.write("\n".join(calibration_table(calibration)) + "\n")
     print(path.read_text())
