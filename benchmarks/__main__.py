@@ -1,4 +1,4 @@
-"""``python -m benchmarks {run,report,list}``: the benchmark's command line (see README, Benchmark).
+"""``python -m benchmarks {run,report,list}``: the benchmark's command line (see docs/benchmark.md).
 
 python -m benchmarks run --quick --out bench_results/      # < 15 min on 2 cores
 python -m benchmarks run --out bench_results/               # the full run (hours)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import apply_affine
 
 from benchmarks.cases import DATA_ROOT
 from benchmarks.measure import run_measured
@@ -162,14 +163,14 @@ def _reference_in_process(t1w: Path, mask_path: Path, figure: Path) -> None:
     from templateflow import api
 
     from bids_app.bias import correct_bias
-    from bids_app.brain import brain_template, extract_brain, extraction_plans
+    from bids_app.brain import BrainTemplate, extract_brain, extraction_plans
     from bids_app.images import ants_to_nifti, load_t1w, nifti_to_ants
     from bids_app.registration import get_engine
 
     def template(name):
         head = api.get(name, resolution=1, desc=None, suffix="T1w", extension=".nii.gz")
         mask = api.get(name, resolution=1, desc="brain", suffix="mask", extension=".nii.gz")
-        return brain_template(name, ants.image_read(str(head)), ants.image_read(str(mask)))
+        return BrainTemplate(name, ants.image_read(str(head)), ants.image_read(str(mask)))
 
     nifti, _ = load_t1w(t1w)
     preproc = correct_bias(nifti_to_ants(nifti))
@@ -243,7 +244,7 @@ def _score_landmarks(row: Row, case: HeadCase, output: Path, out: Path) -> None:
     if mine is None or base is None:
         return
     points = _template_landmarks()
-    truth = _apply(np.load(case.world), map_points([str(base)], points))
+    truth = apply_affine(np.load(case.world), map_points([str(base)], points))
     distance = np.linalg.norm(map_points([str(mine)], points) - truth, axis=1)
     row.landmark_mean_mm = round(float(distance.mean()), 2)
     row.landmark_max_mm = round(float(distance.max()), 2)
@@ -257,7 +258,7 @@ def _template_landmarks() -> np.ndarray:
     mask = nib.load(path)
     inside = np.argwhere(np.asarray(mask.dataobj) > 0)
     chosen = np.random.default_rng(0).choice(len(inside), LANDMARKS, replace=False)
-    return _apply(mask.affine, inside[chosen].astype(float))
+    return apply_affine(mask.affine, inside[chosen].astype(float))
 
 
 def _bids_dataset(out: Path, case: HeadCase) -> Path:
@@ -331,9 +332,6 @@ def _on_grid_image(mask, target):
 def _as_image(inside: np.ndarray, like) -> nib.Nifti1Image:
     return nib.Nifti1Image(inside.astype(np.uint8), like.affine)
 
-
-def _apply(matrix, points) -> np.ndarray:
-    return np.asarray(points) @ np.asarray(matrix)[:3, :3].T + np.asarray(matrix)[:3, 3]
 
 
 def _read_json(path: Path | None) -> dict:
@@ -521,9 +519,9 @@ def _damaged(inside: np.ndarray, aparc: np.ndarray, head, reference) -> dict:
 def _neck(inside: np.ndarray, head, reference) -> np.ndarray:
     """Head tissue from the brain's lowest point to 40 mm below it, within 40 mm of its axis."""
     data = np.asarray(_on_grid_image(head, reference).dataobj, dtype=np.float32)
-    world = _apply(reference.affine, np.argwhere(inside).astype(float))
+    world = apply_affine(reference.affine, np.argwhere(inside).astype(float))
     low, centre = world[:, 2].min(), world.mean(axis=0)
-    grid = _apply(reference.affine, np.indices(inside.shape).reshape(3, -1).T.astype(float))
+    grid = apply_affine(reference.affine, np.indices(inside.shape).reshape(3, -1).T.astype(float))
     grid = grid.reshape(*inside.shape, 3)
     below = (grid[..., 2] < low + 5) & (grid[..., 2] > low - 40)
     near_axis = np.hypot(grid[..., 0] - centre[0], grid[..., 1] - centre[1]) < 40

@@ -41,7 +41,8 @@ class Setting:
     options: tuple[tuple[str, str], ...] = ()
     groups: tuple[str, ...] = ("full",)  # "quick", "full", "diagnostic"
     timeout_min_2mm: float = 30.0  # scaled by (2 / grid_mm)^3 on finer grids
-    estimate_2mm: str = ""  # wall on ds01-2mm, 2 threads (the README's full run; ~: DOMAIN.md)
+    # wall on ds01-2mm, 2 threads (the full run of commit 2d78dc7; ~: DOMAIN.md)
+    estimate_2mm: str = ""
 
     @property
     def option(self) -> dict[str, str]:

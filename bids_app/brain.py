@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,17 @@ class BrainTemplate:
     name: str
     head: object
     mask: object
-    region: object  # the brain and _REGION_MARGIN_MM around it: where head registrations look
 
+    @cached_property
+    def region(self):
+        """The brain and _REGION_MARGIN_MM around it, where head registrations look; made only
+        when an attempt uses this template (the fallback's templates are often never used)."""
+        from scipy import ndimage
 
-def brain_template(name: str, head, mask) -> BrainTemplate:
-    from scipy import ndimage
-
-    outside_mm = ndimage.distance_transform_edt(mask.numpy() < 0.5, sampling=mask.spacing)
-    region = mask.new_image_like((outside_mm <= _REGION_MARGIN_MM).astype("float32"))
-    return BrainTemplate(name, head, mask, region)
+        outside_mm = ndimage.distance_transform_edt(
+            self.mask.numpy() < 0.5, sampling=self.mask.spacing
+        )
+        return self.mask.new_image_like((outside_mm <= _REGION_MARGIN_MM).astype("float32"))
 
 
 @dataclass(frozen=True)

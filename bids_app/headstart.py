@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import apply_affine
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ class HeadStart:
     label: str  # where it started from
     affine: np.ndarray  # RAS 4x4, template points -> participant points
     score: float  # correlation with the template head around its brain (higher is better)
-
-    def as_record(self) -> dict:
-        return {"Start": self.label, "Score": round(self.score, 4)}
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ def _neighbours(pose: _Pose, steps: dict, sign: int):
 def _difference_mm(a: np.ndarray, b: np.ndarray, radius: float) -> float:
     """Largest displacement between two mappings over the corners of a brain-sized cube."""
     corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * radius
-    return float(np.linalg.norm(_apply(a, corners) - _apply(b, corners), axis=1).max())
+    return float(np.linalg.norm(apply_affine(a, corners) - apply_affine(b, corners), axis=1).max())
 
 
 class _Scorer:
@@ -157,14 +155,14 @@ class _Scorer:
         near_brain = ndimage.distance_transform_edt(np.asarray(brain.dataobj) < 0.5) * _COARSE_MM
         self.region = near_brain <= _SCORE_MARGIN_MM
         self.values = np.asarray(grid.dataobj, dtype=np.float32)[self.region]
-        self.points = _apply(grid.affine, np.argwhere(self.region).astype(np.float32))
+        self.points = apply_affine(grid.affine, np.argwhere(self.region).astype(np.float32))
         self.participant = np.asarray(participant.dataobj, dtype=np.float32)
         self.to_voxels = np.linalg.inv(participant.affine)
 
     def score(self, template_to_participant: np.ndarray) -> float:
         from scipy import ndimage
 
-        index = _apply(self.to_voxels @ template_to_participant, self.points)
+        index = apply_affine(self.to_voxels @ template_to_participant, self.points)
         moved = ndimage.map_coordinates(
             self.participant, index.T, order=1, mode="constant", cval=0.0
         )
@@ -183,23 +181,18 @@ def _coarse_copy(t1w_img):
 def _foreground(image) -> tuple[np.ndarray, np.ndarray]:
     """The head (Otsu threshold, largest piece, holes filled) and its RAS affine."""
     import ants
-    from scipy import ndimage
 
+    from bids_app.brain import clean_mask
     from bids_app.images import ants_to_nifti
 
-    inside = ants.threshold_image(image, "Otsu", 1).numpy() > 0
-    pieces, count = ndimage.label(inside)
-    if count > 1:
-        sizes = np.bincount(pieces.ravel())
-        sizes[0] = 0
-        inside = pieces == sizes.argmax()
-    return ndimage.binary_fill_holes(inside), ants_to_nifti(image).affine
+    inside = clean_mask(ants.threshold_image(image, "Otsu", 1)).numpy() > 0
+    return inside, ants_to_nifti(image).affine
 
 
 def _participant_centres(foreground, top_to_brain_mm: float) -> dict:
     inside, grid_affine = foreground
     centres = {"head's centre of mass": _centre_of_mass(inside, grid_affine)}
-    world = _apply(grid_affine, np.argwhere(inside).astype(float))
+    world = apply_affine(grid_affine, np.argwhere(inside).astype(float))
     top = world[:, 2].max()
     upper = world[world[:, 2] >= top - 2 * top_to_brain_mm]
     below_top = np.array([*upper[:, :2].mean(axis=0), top - top_to_brain_mm])
@@ -210,11 +203,11 @@ def _participant_centres(foreground, top_to_brain_mm: float) -> dict:
 
 def _head_top(foreground) -> float:
     inside, grid_affine = foreground
-    return float(_apply(grid_affine, np.argwhere(inside).astype(float))[:, 2].max())
+    return float(apply_affine(grid_affine, np.argwhere(inside).astype(float))[:, 2].max())
 
 
 def _centre_of_mass(inside: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return _apply(affine, np.argwhere(inside).mean(axis=0, keepdims=True))[0]
+    return apply_affine(affine, np.argwhere(inside).mean(axis=0, keepdims=True))[0]
 
 
 def _similarity(pose: _Pose, template_centre: np.ndarray) -> np.ndarray:
@@ -228,6 +221,3 @@ def _similarity(pose: _Pose, template_centre: np.ndarray) -> np.ndarray:
     matrix[:3, 3] = pose.centre - linear @ template_centre
     return matrix
 
-
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return np.asarray(points) @ matrix[:3, :3].T + matrix[:3, 3]

@@ -6,7 +6,9 @@ cut off the cerebellum was stretched over the template, QC dice 0.98). Against i
 
 * cover every sector of the brain (octants around the brain's centre and the four quadrants of its
   lowest quarter, where the cerebellum and the temporal poles are): a missed lobe empties one;
-* stay close to it: the share of the mask farther out than a skull's thickness is skull or neck.
+* stay close to it: the share of the mask more than a linear fit's error (4 mm) outside it is
+  skull, neck or eyes;
+* hold about the placed template brain's volume.
 
 Used twice with the same function: by brain extraction to decide whether to try again, and by QC
 (from the files on disk, with the final transform's linear part) to grade the mask.
@@ -17,14 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from nibabel.affines import apply_affine
 
 # Mask voxels farther than this outside the (linearly placed) template brain count as "outside":
 # about a linear fit's error, less than the skull's thickness (4-8 mm). Calibrated on the
-# whole-head benchmark (README, Quality control): good masks have 0-0.6 % of their voxels this far
-# out, masks with 5 mm of skull 8-12 %, with the neck 6-7 %.
+# whole-head benchmark (docs/outputs.md, Quality control): good masks have 0-0.6 % of their
+# voxels this far out, masks with 5 mm of skull 8-12 %, with the neck 6-7 %.
 OUTSIDE_DISTANCE_MM = 4.0
-# Limits of a whole brain's mask (brain extraction's checks and QC's fail thresholds): see the
-# README's "Quality control" for how they were set on the whole-head benchmark.
+# Limits of a whole brain's mask (brain extraction's checks and QC's fail thresholds): see
+# docs/outputs.md ("How the mask limits were set") for how the whole-head benchmark set them.
 # On the whole-head benchmark's calibration (benchmarks/heads.py): good masks covered >= 0.79 of
 # every sector, masks without the cerebellum or a temporal lobe <= 0.42; good masks had volume
 # ratios 0.92-1.04, with 5 mm of skull 1.26-1.32.
@@ -96,7 +99,7 @@ def check_mask(native, template_mask, template_to_t1w: np.ndarray) -> MaskCheck:
 
     # The native mask, pulled onto the coarse template grid through the linear mapping.
     points = _voxel_centres(template.affine, template.shape)
-    covered = _sample(native_inside, native.affine, _apply(template_to_t1w, points)) > 0.5
+    covered = _sample(native_inside, native.affine, apply_affine(template_to_t1w, points)) > 0.5
     covered = covered.reshape(template.shape)
 
     sectors = _sectors(template_inside, template.affine)
@@ -128,7 +131,7 @@ def _outside_fraction(native_inside, native_affine, template, template_to_t1w) -
     index = np.argwhere(native_inside[:: step[0], :: step[1], :: step[2]]) * step
     if not len(index):
         return 1.0
-    in_template = _apply(np.linalg.inv(template_to_t1w), _apply(native_affine, index))
+    in_template = apply_affine(np.linalg.inv(template_to_t1w), apply_affine(native_affine, index))
     # Beyond the template's grid counts as far outside (a neck below the field of view).
     far = _sample(distance_mm, template.affine, in_template, outside=1e3)
     return float((far > OUTSIDE_DISTANCE_MM).mean())
@@ -136,10 +139,10 @@ def _outside_fraction(native_inside, native_affine, template, template_to_t1w) -
 
 def _sectors(inside: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
     """Octants around the brain's centre, and the quadrants of its lowest quarter."""
-    world = _apply(affine, np.argwhere(inside))
+    world = apply_affine(affine, np.argwhere(inside))
     centre = world.mean(axis=0)
     low = np.percentile(world[:, 2], _LOW_QUARTER)
-    grid = _apply(affine, _voxel_centres_index(inside.shape)).reshape(*inside.shape, 3)
+    grid = apply_affine(affine, _voxel_centres_index(inside.shape)).reshape(*inside.shape, 3)
     left = grid[..., 0] < centre[0]
     front = grid[..., 1] >= centre[1]
     top = grid[..., 2] >= centre[2]
@@ -167,22 +170,19 @@ def _coarse(img):
 def _sample(volume, affine, points_world, outside: float = 0.0) -> np.ndarray:
     from scipy import ndimage
 
-    index = _apply(np.linalg.inv(affine), points_world)
+    index = apply_affine(np.linalg.inv(affine), points_world)
     return ndimage.map_coordinates(
         np.asarray(volume, dtype=np.float32), index.T, order=1, mode="constant", cval=outside
     )
 
 
 def _voxel_centres(affine, shape) -> np.ndarray:
-    return _apply(affine, _voxel_centres_index(shape))
+    return apply_affine(affine, _voxel_centres_index(shape))
 
 
 def _voxel_centres_index(shape) -> np.ndarray:
     return np.indices(shape, dtype=np.float32).reshape(3, -1).T
 
-
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 def _zooms(affine) -> np.ndarray:

@@ -210,13 +210,13 @@ def process_t1w(
 def _extract_brain(preproc, settings: Settings, templates: Templates, template_images, work: Path):
     """Brain extraction with its fallback plan: the extraction template first, then the first
     output template's head, then the other engine."""
-    from bids_app.brain import brain_template, extract_brain, extraction_plans
+    from bids_app.brain import BrainTemplate, extract_brain, extraction_plans
     from bids_app.settings import ENGINES
 
     candidates = []
     if templates.brain is not None:
         candidates.append(
-            brain_template(
+            BrainTemplate(
                 templates.brain.name,
                 _ants_read(templates.brain.t1w_path),
                 _ants_read(templates.brain.mask_path),
@@ -224,10 +224,10 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
         )
     elif settings.brain_template in template_images:  # one of the output templates was asked for
         asked = settings.brain_template
-        candidates.append(brain_template(asked, *template_images[asked]))
+        candidates.append(BrainTemplate(asked, *template_images[asked]))
     first = settings.templates[0]
     if first not in [candidate.name for candidate in candidates]:
-        candidates.append(brain_template(first, *template_images[first]))
+        candidates.append(BrainTemplate(first, *template_images[first]))
     engines = [settings.engines(settings.engine)]
     engines += [settings.engines(name) for name in ENGINES if name != settings.engine]
     plans = extraction_plans(candidates, engines, settings.fallback)

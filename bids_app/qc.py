@@ -62,10 +62,11 @@ class Rule:
 
 _INF = math.inf
 
-# Thresholds (README, "Quality control"). Measured: correct normalisations of real 1 mm scans have
-# ncc 0.76-0.83, dice 0.98-0.99, logjac_iqr 0.29-0.36 (0.22 on the 3 mm test data) and no folding;
-# the same registration without its SyN stage has ncc 0.55; a front-back flipped header 0.45 with
-# ANTs, 0.61 with Greedy (its warp bends the mirror image further), hence fail below 0.65.
+# Thresholds (docs/outputs.md, "Quality control"). On the whole-head benchmark (python -m
+# benchmarks heads, default setting, 2026-12-01) the 32 good normalisations had ncc 0.75-0.84
+# (0.67 on heads sub-06 run-1, its strong bias field) and dice 0.983-0.990. Measured on older code:
+# the same registration without its nonlinear stage had ncc 0.55; a front-back flipped header 0.45
+# with ANTs, 0.61 with Greedy (its warp bends the mirror image further), hence fail below 0.65.
 RULES: tuple[Rule, ...] = (
     Rule(
         "ncc",
@@ -306,21 +307,20 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * int((a & b).sum()) / total if total else float("nan")
 
 
-def jacobian_summary(forward_xfm: Path, template_mask_img) -> dict:
-    """Exact determinants of the transform's displacement field inside the template's brain."""
+def jacobian_summary(composite, template_mask_img) -> dict:
+    """Exact determinants of a forward transform's displacement field (a ``CompositeTransform``,
+    as read from its .h5) inside the template's brain."""
     from nibabel.processing import resample_from_to
 
     from bids_app.jacobian import field_determinant, folding_fraction
-    from bids_app.transforms import read_composite
 
-    composite = read_composite(forward_xfm)
     # Signed: a 12-parameter affine can mirror a brain whose header flips an axis, and then fit
     # it well (Greedy did, on the flipped-header QC case); a negative ratio fails the rule.
     summary = {"affine_volume_ratio": float(np.linalg.det(composite.linear[:3, :3]))}
     if not composite.fields:  # an affine-only transform: no local volume change at all
         return {**summary, "jacobian_min": 1.0, "jacobian_max": 1.0, "folding_fraction": 0.0}
     if len(composite.fields) != 1:
-        raise ValueError(f"{forward_xfm}: expected one displacement field, found several")
+        raise ValueError("the forward transform holds several displacement fields, not one")
     displacement = composite.fields[0]
     determinant = field_determinant(displacement)
     mask = resample_from_to(template_mask_img, (determinant.shape, displacement.affine), order=0)
@@ -377,6 +377,8 @@ def measure_t1w(output_dir: Path, record: RunRecord, fetch_template: Callable) -
 def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch_template) -> dict:
     import nibabel as nib
 
+    from bids_app.transforms import read_composite
+
     t1w = record.t1w
     template = fetch_template(space.template, space.grid_resolution)
     template_t1w = _load(template.t1w_path)
@@ -397,15 +399,17 @@ def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch
     q25, q50, q75 = np.percentile(logjac_inside, [25, 50, 75])
     registration_mask = nib.load(str(fetch_template(space.template, 1).mask_path))
     forward = drv.transform_path(output_dir, t1w, "t1w2std_xfm", space.template)
+    composite = read_composite(_existing(forward))  # read once: its field is large
     native_mask = _load(drv.native_path(output_dir, t1w, "mask"))
     voxel_ml = float(np.prod(native_mask.header.get_zooms()[:3])) / 1000.0
-    mask_check = _mask_check(native_mask, registration_mask, _existing(forward))
+    # The mask against the template's, placed by the linear part only (a warp would hide a miss).
+    mask_check = check_mask(native_mask, registration_mask, composite.linear)
     return {
         "ncc": correlation(inside_normalised, inside_template),
         "mi": mi,
         "nmi": nmi,
         "dice": dice(warped_mask, template_mask),
-        **jacobian_summary(_existing(forward), registration_mask),
+        **jacobian_summary(composite, registration_mask),
         "logjac_median": float(q50),
         "logjac_iqr": float(q75 - q25),
         "brain_volume_ml": float((np.asarray(native_mask.dataobj) > 0).sum() * voxel_ml),
@@ -413,12 +417,6 @@ def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch
         "mask_outside_fraction": mask_check.outside_fraction,
         "mask_volume_ratio": mask_check.volume_ratio,
     }
-
-
-def _mask_check(native_mask, template_mask, forward_xfm: Path):
-    from bids_app.transforms import read_composite
-
-    return check_mask(native_mask, template_mask, read_composite(forward_xfm).linear)
 
 
 def _existing(path: Path) -> Path:

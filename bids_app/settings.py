@@ -16,8 +16,8 @@ DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
 PRESETS = ("precise", "fast")
 ENGINES = ("ants", "greedy")  # registration engines (bids_app.registration.get_engine)
-# Greedy: on the benchmark (README) as accurate as ANTs' antsRegistrationSyN[s] or better, in a
-# fraction of its time; ANTs stays one option away.
+# Greedy: on the registration benchmark (docs/benchmark.md) as accurate as ANTs'
+# antsRegistrationSyN[s] or better, in a fraction of its time; ANTs stays one option away.
 DEFAULT_ENGINE = "greedy"
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the

@@ -129,7 +129,9 @@ def test_folding_is_counted_exactly_from_the_transform(tmp_path):
     path = write_itk_composite(
         tmp_path / "xfm.h5", np.diag([1.1, 1.0, 1.0, 1.0]), (vectors, origin, spacing)
     )
-    summary = qc.jacobian_summary(path, _all_brain(shape, spacing, origin))
+    from bids_app.transforms import read_composite
+
+    summary = qc.jacobian_summary(read_composite(path), _all_brain(shape, spacing, origin))
     assert summary["folding_fraction"] == pytest.approx(3 / 14)
     assert summary["jacobian_min"] == pytest.approx(-1.0, abs=1e-5)
     assert summary["jacobian_max"] == pytest.approx(1.0, abs=1e-5)
@@ -138,7 +140,9 @@ def test_folding_is_counted_exactly_from_the_transform(tmp_path):
 
 def test_an_affine_only_transform_has_no_local_volume_change(tmp_path):
     path = write_affine_xfm(np.diag([1.2, 0.9, 1.0, 1.0]), tmp_path / "affine.h5")
-    summary = qc.jacobian_summary(path, _all_brain((4, 4, 4), 2.0, np.zeros(3)))
+    from bids_app.transforms import read_composite
+
+    summary = qc.jacobian_summary(read_composite(path), _all_brain((4, 4, 4), 2.0, np.zeros(3)))
     assert summary == pytest.approx(
         {
             "affine_volume_ratio": 1.08,
