@@ -14,14 +14,12 @@ from pathlib import Path
 from bids_app import __version__
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
-from bids_app.provenance import RunInfo, start_run
-from bids_app.registration.base import EngineFactory, get_engine
+from bids_app.outputs.provenance import RunInfo, start_run
+from bids_app.registration.registry import DEFAULT_ENGINE, ENGINES, EngineFactory, get_engine
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
-    DEFAULT_ENGINE,
     DEFAULT_SEED,
     DEFAULT_SPACE,
-    ENGINES,
     PRESETS,
     SKULL_STRIP_MODES,
     Settings,
@@ -173,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_engine) -> Settings:
-    from bids_app.discovery import load_filter_file
+    from bids_app.participant.discovery import load_filter_file
 
     if args.analysis_level not in ("participant", "group"):
         raise _UnknownLevel(args.analysis_level)
@@ -253,9 +251,9 @@ def _run(
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
-    from bids_app import derivatives
-    from bids_app.discovery import collect_t1w
-    from bids_app.pipeline import resolve_templates, run_participants
+    from bids_app.outputs import derivatives
+    from bids_app.participant.discovery import collect_t1w
+    from bids_app.participant.pipeline import resolve_templates, run_participants
 
     selection = collect_t1w(
         settings.bids_dir,
@@ -289,7 +287,7 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
 
 
 def run_reports_only(settings: Settings) -> int:
-    from bids_app.report import rebuild_reports
+    from bids_app.reports.participant import rebuild_reports
 
     failed = rebuild_reports(settings.output_dir, settings.participant_labels)
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)

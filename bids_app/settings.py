@@ -8,17 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_app.errors import MissingInputError, UsageError
-from bids_app.registration.base import EngineFactory, get_engine
+from bids_app.registration.base import USER_PRESETS
+from bids_app.registration.registry import DEFAULT_ENGINE, EngineFactory, get_engine
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
-PRESETS = ("precise", "fast")
-ENGINES = ("ants", "greedy")  # registration engines (bids_app.registration.get_engine)
-# Greedy: on the registration benchmark (docs/benchmark.md) as accurate as ANTs'
-# antsRegistrationSyN[s] or better, in a fraction of its time; ANTs stays one option away.
-DEFAULT_ENGINE = "greedy"
+PRESETS = USER_PRESETS
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
 # cerebellum); when it is absent and not asked for, the first output template's head is used.

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_points(args) -> None:
-    from bids_app import mapping
+    from bids_app.transforms import mapping
 
     template, to = _template_and_target(args.from_space, args.to_space)
     transforms = _transforms(args, template)
@@ -201,7 +201,7 @@ def run_points(args) -> None:
 
 
 def run_coords(args) -> None:
-    from bids_app import mapping
+    from bids_app.transforms import mapping
 
     table = read_table(args.input)
     if args.to == "world":
@@ -218,7 +218,8 @@ def run_coords(args) -> None:
 
 
 def run_image(args) -> None:
-    from bids_app import derivatives, mapping
+    from bids_app.outputs import derivatives
+    from bids_app.transforms import mapping
 
     template, to = _template_and_target(args.from_space, args.to_space)
     transforms = _transforms(args, template)
@@ -236,7 +237,8 @@ def run_image(args) -> None:
 def run_rois(args) -> None:
     import pandas as pd
 
-    from bids_app import derivatives, mapping
+    from bids_app.outputs import derivatives
+    from bids_app.transforms import mapping
 
     transforms = _transforms(args, args.template)
     atlas_path, labels_path = _atlas(args.atlas, args.template, args.labels)
@@ -260,7 +262,7 @@ def run_rois(args) -> None:
 
 
 def _template_and_target(source: str, target: str) -> tuple[str, str]:
-    from bids_app.mapping import NATIVE
+    from bids_app.transforms.mapping import NATIVE
 
     if (source == NATIVE) == (target == NATIVE):
         raise UsageError(
@@ -271,7 +273,7 @@ def _template_and_target(source: str, target: str) -> tuple[str, str]:
 
 
 def _transforms(args, template: str):
-    from bids_app.mapping import find_transforms
+    from bids_app.transforms.mapping import find_transforms
 
     return find_transforms(
         args.output_dir, args.participant_label, template, args.session_label, args.run
@@ -290,7 +292,7 @@ def read_table(path: Path):
 
 
 def write_table(table, path: Path) -> None:
-    from bids_app.derivatives import atomic_path
+    from bids_app.outputs.derivatives import atomic_path
 
     with atomic_path(path) as tmp:
         table.to_csv(tmp, sep="\t", index=False)

@@ -8,8 +8,12 @@ import pandas as pd
 import pytest
 from conftest import known_affine, smooth_warp
 
-from bids_app.registration.composite import write_composite
-from bids_app.transforms import CompositeTransform, DisplacementField, read_composite
+from bids_app.transforms import (
+    CompositeTransform,
+    DisplacementField,
+    read_composite,
+    write_composite,
+)
 
 
 def _ants_map_points(points_ras: np.ndarray, path) -> np.ndarray:
