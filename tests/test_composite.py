@@ -1,4 +1,5 @@
-"""Writing ITK composite transforms: ANTs reads what we write as the mapping it stands for."""
+"""ITK composite transforms (.h5): ANTs and nitransforms read what we write as the mapping it
+stands for, and we read what ANTs writes as ANTs does."""
 
 from __future__ import annotations
 
