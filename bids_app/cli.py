@@ -1,5 +1,5 @@
-"""The ``mninorm`` command: the BIDS Apps command line, and the one place that turns errors into
-exit codes (see ``errors.ExitCode``)."""
+"""The ``mninorm`` command: the BIDS Apps command line. Errors become exit codes (see
+``errors.ExitCode``) in ``console.run_command``, as for ``mninorm-transform``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bids_app import __version__
+from bids_app.console import open_console, run_command
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
 from bids_app.outputs.provenance import RunInfo, start_run
@@ -185,6 +186,9 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         check_folders(args.bids_dir, args.output_dir, args.work_dir)
     spaces = parse_output_spaces(args.output_spaces)
     omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
+    group_level = args.analysis_level == "group"
+    if args.group_by and not group_level:
+        log.warning("--group-by is used only at the group level: ignored")
     return Settings(
         bids_dir=args.bids_dir.resolve(),
         output_dir=args.output_dir.resolve(),
@@ -205,6 +209,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         brain_template_required=args.brain_template is not None,
         fallback=not args.no_fallback,
         in_process=args.in_process,
+        reports_only=args.reports_only,
+        group_by=args.group_by if group_level else None,
         engines=engines,
     )
 
@@ -224,30 +230,19 @@ def main(argv: list[str] | None = None, *, engines: EngineFactory = get_engine) 
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
     with console_logging(verbosity):
-        return _run(args, run, verbosity, engines)
+        return run_command(lambda: _run(args, run, verbosity, engines), debug=args.debug)
 
 
 def _run(
     args: argparse.Namespace, run: RunInfo, verbosity: Verbosity, engines: EngineFactory
 ) -> int:
-    try:
-        settings = settings_from_args(args, engines)
-        _set_thread_environment(settings.omp_nthreads)
-        if settings.analysis_level == "group":
-            return run_group(settings, args.group_by)
-        if args.group_by:
-            log.warning("--group-by is used only at the group level: ignored")
-        if args.reports_only:
-            return run_reports_only(settings)
-        return run_participant_level(settings, run, verbosity)
-    except MninormError as err:
-        if args.debug:
-            raise
-        log.error("%s", err)
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return int(ExitCode.INTERRUPTED)
+    settings = settings_from_args(args, engines)
+    _set_thread_environment(settings.omp_nthreads)
+    if settings.analysis_level == "group":
+        return run_group(settings)
+    if settings.reports_only:
+        return run_reports_only(settings)
+    return run_participant_level(settings, run, verbosity)
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
@@ -293,7 +288,7 @@ def run_reports_only(settings: Settings) -> int:
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
 
 
-def run_group(settings: Settings, group_by: str | None = None) -> int:
+def run_group(settings: Settings) -> int:
     from bids_app.group import GroupSettings
     from bids_app.group import run_group as run
 
@@ -301,7 +296,7 @@ def run_group(settings: Settings, group_by: str | None = None) -> int:
         GroupSettings(
             output_dir=settings.output_dir,
             bids_dir=settings.bids_dir,  # may be absent: only --group-by needs it
-            group_by=group_by,
+            group_by=settings.group_by,
             participant_labels=settings.participant_labels,
             session_labels=settings.session_labels,
         )
@@ -343,8 +338,6 @@ def console_logging(verbosity: Verbosity):
     """While ``mninorm`` runs: the console (``console.ConsoleHandler``) is the root logger's one
     handler, other packages' loggers are quietened, warnings go through logging. The root logger's
     handlers and level come back afterwards (tests call ``main`` in their process)."""
-    from bids_app.console import open_console
-
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     console = open_console(verbosity)

@@ -105,6 +105,8 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    reports_only: bool = False  # participant level: rebuild the reports from output_dir only
+    group_by: str | None = None  # group level: the participants.tsv column to compare groups by
     # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real
     # ones, or the tests' fake. It must pickle: participants run in spawned processes.
     engines: EngineFactory = field(default=get_engine, compare=False, repr=False)
