@@ -3,7 +3,8 @@
 Per space: the QC table (click a column to sort it; status sorts fail first), a thumbnail of every
 normalised T1w with the template brain's outline (all at the same slices, to spot the misfit in
 one scroll), links to each participant's ``sub-<label>.html``, and figures of the study's mean T1w
-and of the group statistics. The page's style is the participant reports' own; the PNGs are
+and of the group statistics. This module gathers what the page shows; the layout is
+``reports/templates/group.html.j2`` on the participant reports' page shell and style. The PNGs are
 embedded (base64), so the page can be mailed or moved alone.
 """
 
