@@ -370,10 +370,10 @@ def canonical_array(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def take_preview(canonical: np.ndarray, cuts: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
     """One 2D section per view through ``cuts``, rows going up (superior or anterior)."""
-    from bids_app.reports.figures import _slice
+    from bids_app.reports.figures import take_slice
 
     return tuple(
-        np.array(_slice(canonical, view, cut), dtype=np.float32)
+        np.array(take_slice(canonical, view, cut), dtype=np.float32)
         for view, cut in zip(PREVIEW_VIEWS, cuts, strict=True)
     )
 
