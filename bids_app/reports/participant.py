@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.outputs import derivatives as drv
+from bids_app.outputs.record import BrainExtractionRecord
 from bids_app.reports import qc
 from bids_app.reports.methods import methods_text, recorded_registration
 
@@ -105,7 +106,7 @@ def rebuild_reports(output_dir: Path, participant_labels: tuple[str, ...] = ()) 
     Returns the participants whose report could not be built (each is logged).
     """
     from bids_app.errors import NothingMatchedError
-    from bids_app.participant.discovery import strip_prefix
+    from bids_app.outputs.source import strip_prefix
 
     available = qc.subjects_on_disk(output_dir)
     wanted = [strip_prefix(label, "sub-") for label in participant_labels] or available
@@ -259,7 +260,7 @@ def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
     ]
     if not record.ok:
         parts.append(
-            f'<p class="error">This T1w failed: {_e(content.get("Error") or "unknown error")}</p>'
+            f'<p class="error">This T1w failed: {_e(content.error or "unknown error")}</p>'
         )
     for problem in drawn.problems:
         parts.append(f'<p class="error">No figure: {_e(problem)}.</p>')
@@ -272,7 +273,7 @@ def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
                 "the outline follows the brain's edge: no skull or eyes inside, no cortex cut off.",
             )
         )
-    parts.append(_attempts_table(content.get("BrainExtraction") or {}))
+    parts.append(_attempts_table(content.brain_extraction))
     for space_qc in result.spaces:
         template = space_qc.template
         if template in drawn.normalisation:
@@ -297,29 +298,29 @@ def _t1w_section(result: qc.T1wQC, drawn: _Figures) -> str:
     return "\n".join(parts)
 
 
-def _attempts_table(extraction: dict) -> str:
+def _attempts_table(extraction: BrainExtractionRecord | None) -> str:
     """Every brain-extraction attempt: what, why, its checks, and which one was kept."""
-    attempts = extraction.get("Attempts") or []
+    attempts = extraction.attempts if extraction is not None else ()
     if not attempts:
         return ""
-    kept = extraction.get("KeptAttempt")
+    kept = extraction.kept_attempt
     header = ("attempt", "why", "template", "engine", "start", "head volume ratio", "brain ml",
               "least-covered sector", "outside share", "problems", "time")  # fmt: skip
     rows = []
     for attempt in attempts:
-        sector = attempt.get("MinSectorCoverage")
+        sector = attempt.min_sector_coverage
         cells = (
-            f"{attempt.get('Attempt')}{' (kept)' if attempt.get('Attempt') == kept else ''}",
-            attempt.get("Why"), attempt.get("Template"), attempt.get("Engine"),
-            attempt.get("Start"), _number(attempt.get("HeadVolumeRatio"), "{:.2f}"),
-            _number(attempt.get("BrainVolumeML"), "{:.0f}"),
-            None if sector is None else f"{sector:.0%} ({attempt.get('WorstSector')})",
-            _number(attempt.get("OutsideFraction"), "{:.1%}"),
-            "; ".join(attempt.get("Problems") or []) or "none",
-            _seconds(attempt.get("Seconds")),
+            f"{attempt.number}{' (kept)' if attempt.number == kept else ''}",
+            attempt.why, attempt.template, attempt.engine,
+            attempt.start, _number(attempt.head_volume_ratio, "{:.2f}"),
+            _number(attempt.brain_volume_ml, "{:.0f}"),
+            None if sector is None else f"{sector:.0%} ({attempt.worst_sector})",
+            _number(attempt.outside_fraction, "{:.1%}"),
+            "; ".join(attempt.problems) or "none",
+            _seconds(attempt.seconds),
         )  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{_e(c) if c else 'n/a'}</td>" for c in cells) + "</tr>")
-    fallback = "on" if extraction.get("Fallback", True) else "off (--no-fallback)"
+    fallback = "on" if extraction.fallback else "off (--no-fallback)"
     return (
         f"<h3>Brain extraction: {len(attempts)} attempt(s), fallback {fallback}</h3>"
         '<table class="attempts"><thead><tr>'
@@ -328,28 +329,28 @@ def _attempts_table(extraction: dict) -> str:
     )
 
 
-def _summary_table(record: qc.RunRecord) -> str:
+def _summary_table(record: qc.T1wRecord) -> str:
     content = record.content
-    steps = content.get("StepSeconds") or {}
-    software = content.get("Software") or {}
-    zooms = content.get("SourceZoomsMM") or []
+    steps = content.step_seconds
+    software = content.software
+    zooms = content.source_zooms_mm or ()
     rows = [
-        ("Input", content.get("Source")),
-        ("Run", content.get("Status")),
-        ("Input orientation", content.get("SourceOrientation")),
-        ("Input shape", " x ".join(map(str, content.get("SourceShape") or [])) or None),
+        ("Input", content.source),
+        ("Run", content.status),
+        ("Input orientation", content.source_orientation),
+        ("Input shape", " x ".join(map(str, content.source_shape or ())) or None),
         ("Input voxel size (mm)", " x ".join(f"{z:.3g}" for z in zooms) or None),
-        ("Header fixes", "; ".join(content.get("HeaderFixes") or []) or "none needed"),
-        ("Skull strip", content.get("SkullStripDecision")),
-        ("Output spaces", ", ".join(content.get("OutputSpaces") or [])),
+        ("Header fixes", "; ".join(content.header_fixes or ()) or "none needed"),
+        ("Skull strip", content.skull_strip_decision),
+        ("Output spaces", ", ".join(content.output_spaces)),
         ("Registration", recorded_registration(content).summary()),
-        ("Random seed; threads", f"{content.get('RandomSeed')}; {content.get('Threads')}"),
-        ("Run time", _seconds(content.get("TotalSeconds"))),
+        ("Random seed; threads", f"{content.random_seed}; {content.threads}"),
+        ("Run time", _seconds(content.total_seconds)),
         ("Steps", ", ".join(f"{k} {_seconds(v)}" for k, v in steps.items()) or None),
         ("Software", ", ".join(f"{k} {v}" for k, v in software.items()) or None),
     ]
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v) if v else 'n/a'}</td></tr>" for k, v in rows)
-    outputs = content.get("Outputs") or []
+    outputs = content.outputs
     links = "".join(
         f'<li><a href="{_e(uri.split("::", 1)[-1])}">{_e(uri.split("/")[-1])}</a></li>'
         for uri in outputs
@@ -367,7 +368,7 @@ def _about(records) -> str:
     run records (a T1w rerun alone has another run identifier than the others)."""
     runs: dict[str, list] = {}
     for record in records:
-        runs.setdefault(record.content.get("RunUUID") or "", []).append(record)
+        runs.setdefault(record.content.run_uuid or "", []).append(record)
     tables = []
     for run_uuid, members in runs.items():
         content = members[0].content
@@ -377,13 +378,13 @@ def _about(records) -> str:
             continue
         rows = [
             ("Run identifier", f"<code>{_e(run_uuid)}</code>"),
-            ("Command line", f"<code>{_e(content.get('CommandLine') or 'n/a')}</code>"),
-            ("Run started (UTC)", _e(content.get("RunStartTime") or "n/a")),
+            ("Command line", f"<code>{_e(content.command_line or 'n/a')}</code>"),
+            ("Run started (UTC)", _e(content.run_start_time or "n/a")),
         ]
         rows += [
             (
                 f"{record.t1w.path.name} (UTC)",
-                _e(f"{record.content.get('StartTime')} to {record.content.get('EndTime')}"),
+                _e(f"{record.content.start_time} to {record.content.end_time}"),
             )
             for record in members
         ]
@@ -391,21 +392,21 @@ def _about(records) -> str:
             (
                 "CPUs",
                 _e(
-                    f"{content.get('CPUCount', 'n/a')} on the machine, "
-                    f"{content.get('CPUAffinityCount', 'n/a')} usable by the run"
+                    f"{_or_na(content.cpu_count)} on the machine, "
+                    f"{_or_na(content.cpu_affinity_count)} usable by the run"
                 ),
             ),
             (
                 "Threads",
                 _e(
-                    f"{content.get('Threads', 'n/a')} per participant, "
-                    f"{content.get('ParallelParticipants', 'n/a')} participant(s) at a time, "
-                    f"{content.get('ThreadsTotal', 'n/a')} in all"
+                    f"{_or_na(content.threads)} per participant, "
+                    f"{_or_na(content.parallel_participants)} participant(s) at a time, "
+                    f"{_or_na(content.threads_total)} in all"
                 ),
             ),
             (
                 "Software",
-                _e(", ".join(f"{k} {v}" for k, v in (content.get("Software") or {}).items())),
+                _e(", ".join(f"{k} {v}" for k, v in content.software.items())),
             ),
         ]
         body = "".join(f"<tr><th>{_e(label)}</th><td>{value}</td></tr>" for label, value in rows)
@@ -470,7 +471,11 @@ def _methods_html(citation: str) -> str:
     return "\n".join(blocks)
 
 
-def _anchor(record: qc.RunRecord) -> str:
+def _or_na(value) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _anchor(record: qc.T1wRecord) -> str:
     return f"t1w-{record.prefix}"
 
 
