@@ -185,8 +185,10 @@ def test_a_nested_record_missing_its_required_key_names_where(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text", ["{not json", "[1, 2]", json.dumps({**WRITTEN, "OutputSpaces": "MNI"})]
-)
+    "text",
+    ["{not json", "[1, 2]", json.dumps({**WRITTEN, "OutputSpaces": "MNI"}),
+     json.dumps({**WRITTEN, "Status": None})],
+)  # fmt: skip
 def test_a_malformed_record_is_an_error_naming_the_file(tmp_path, text):
     path = tmp_path / "bad_run.json"
     path.write_text(text)

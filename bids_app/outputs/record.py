@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bids_app.errors import RunRecordError
+from bids_app.outputs.derivatives import write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ class _JsonRecord:
         (``read_run_record`` names the file)."""
         specs = [spec for spec in fields(cls) if "key" in spec.metadata]
         known = {spec.metadata["key"] for spec in specs}
-        missing = [s.metadata["key"] for s in specs
-                   if s.metadata["required"] and s.metadata["key"] not in content]  # fmt: skip
+        required = [spec.metadata["key"] for spec in specs if spec.metadata["required"]]
+        missing = [key for key in required if content.get(key) is None]
         extra = {key: value for key, value in content.items() if key not in known}
         if missing:
             unknown = f" (keys it has that this version does not know: {', '.join(extra)})"
@@ -230,6 +231,4 @@ def read_run_record(path: Path) -> RunRecord:
 
 def write_run_record(record: RunRecord, path: Path) -> Path:
     """Atomically, as every output."""
-    from bids_app.outputs.derivatives import write_json
-
     return write_json(record.to_json(), path)
