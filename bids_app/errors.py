@@ -58,3 +58,8 @@ class BrainExtractionError(MninormError):
 
 class RegistrationError(MninormError):
     """ANTs failed or produced an unusable transform."""
+
+
+class RunRecordError(MninormError):
+    """A run record (``sub-X/log/*_desc-mninorm_run.json``) that cannot be read as one: not JSON,
+    or without a key every record has. Reports and the group level skip its T1w with a warning."""

@@ -116,6 +116,27 @@ def test_run_records_name_the_invocation_its_times_and_cpus(run):
         assert record["ParallelParticipants"] == 1
 
 
+# The run record's keys, in the order the pipeline wrote them before RunRecord existed; only
+# "Registration" (the methods text, recorded at run time) is new.
+_INVOCATION_KEYS = ["RunUUID", "CommandLine", "RunStartTime", "CPUCount", "CPUAffinityCount",
+                    "StartTime", "EndTime", "ThreadsTotal", "ParallelParticipants"]  # fmt: skip
+_OUTCOME_KEYS = ["Status", "Error", "TotalSeconds", "OutputSpaces", "Preset", "Engine",
+                 "RandomSeed", "Threads", "Outputs", "Software", "Registration"]  # fmt: skip
+
+
+def test_run_records_keep_their_keys_in_their_order(run):
+    learnt = ["Source", "StepSeconds", "SourceOrientation", "SourceShape", "SourceZoomsMM",
+              "HeaderFixes", "SkullStripDecision"]  # fmt: skip
+    extracted = _record(run["out"], "02", "sub-02")  # its brain extracted: every attempt kept
+    assert list(extracted) == [*learnt, "BrainExtraction", *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    assert extracted["Registration"]["Engine"] and extracted["Registration"]["Methods"]
+    stripped = _record(run["out"], "01", "sub-01_ses-1_run-1")  # skull-stripped already
+    assert stripped["SkullStripDecision"] == "auto: input already skull-stripped"
+    assert list(stripped) == [*learnt, *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    failed = _record(run["out"], "03", "sub-03")  # failed on loading: nothing learnt about it
+    assert list(failed) == ["Source", "StepSeconds", *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+
+
 def test_the_report_tells_about_the_run(run):
     record = _record(run["out"], "01", "sub-01_ses-1_run-1")
     page = (run["out"] / "sub-01.html").read_text()

@@ -202,3 +202,18 @@ def test_a_missing_output_is_graded_fail_and_named(tmp_path, template):
     result = qc.measure_t1w(tmp_path, record, _fetch(template))
     assert result.status == "fail"
     assert mask.name in result.spaces[0].reasons[0]
+
+
+def test_a_record_with_a_renamed_required_key_is_skipped_with_a_warning(tmp_path, template, caplog):
+    """Issue 14: a renamed key used to read as n/a silently; now the record is named and skipped
+    (as an unreadable one always was)."""
+    kept = write_synthetic_outputs(tmp_path, template, run="1")
+    renamed = write_synthetic_outputs(tmp_path, template, run="2")
+    content = json.loads(renamed.read_text())
+    content["RunStatus"] = content.pop("Status")
+    renamed.write_text(json.dumps(content))
+    with caplog.at_level("WARNING", logger="bids_app.reports.qc"):
+        records = qc.collect_records(tmp_path, "01")
+    assert [record.path for record in records] == [kept]
+    assert str(renamed) in caplog.text and "lacks Status" in caplog.text
+    assert "RunStatus" in caplog.text

@@ -51,16 +51,6 @@ class MaskCheck:
     volume_ratio: float  # the mask's volume over the placed template brain's
     sector_coverage: dict  # sector name -> coverage
 
-    def as_record(self) -> dict:
-        return {
-            "BrainVolumeML": round(self.volume_ml, 1),
-            "TemplateMaskDice": round(self.template_dice, 4),
-            "MinSectorCoverage": round(self.min_sector_coverage, 4),
-            "WorstSector": self.worst_sector,
-            "OutsideFraction": round(self.outside_fraction, 4),
-            "VolumeRatio": round(self.volume_ratio, 4),
-        }
-
 
 def mask_problems(check: MaskCheck) -> list[str]:
     """What is wrong with a mask, in words (empty when it passes every limit)."""
@@ -182,7 +172,6 @@ def _voxel_centres(affine, shape) -> np.ndarray:
 
 def _voxel_centres_index(shape) -> np.ndarray:
     return np.indices(shape, dtype=np.float32).reshape(3, -1).T
-
 
 
 def _zooms(affine) -> np.ndarray:

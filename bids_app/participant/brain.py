@@ -88,22 +88,6 @@ class Attempt:
     def ok(self) -> bool:
         return not self.problems
 
-    def as_record(self) -> dict:
-        record = {
-            "Attempt": self.number,
-            "Why": self.why,
-            "Template": self.template,
-            "Engine": self.engine,
-            "Start": self.start,
-            "StartScore": round(self.start_score, 4),
-            "HeadVolumeRatio": round(self.head_volume_ratio, 3),
-            "Problems": list(self.problems),
-            "Seconds": round(self.seconds, 1),
-        }
-        if self.check is not None:
-            record.update(self.check.as_record())
-        return record
-
 
 @dataclass(frozen=True)
 class BrainExtraction:

@@ -21,8 +21,15 @@ from bids_app import logs, progress
 from bids_app.errors import BrainExtractionError, MninormError
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.provenance import RunInfo, utc_now
-from bids_app.participant.brain import BrainExtraction
-from bids_app.participant.discovery import T1wInput
+from bids_app.outputs.record import (
+    BrainExtractionRecord,
+    ExtractionAttempt,
+    RegistrationRecord,
+    RunRecord,
+    write_run_record,
+)
+from bids_app.outputs.source import T1wInput
+from bids_app.participant.brain import Attempt, BrainExtraction
 from bids_app.participant.headstart import write_start
 from bids_app.settings import OutputSpace, Settings
 from bids_app.templates import Template
@@ -109,16 +116,17 @@ def process_t1w(
     settings: Settings,
     templates: Templates,
     work_dir: Path,
-    record: dict,
+    learnt: dict,
 ) -> T1wOutcome:
-    """All steps for one T1w. ``record`` is filled as they go, so a failure keeps what was known."""
+    """All steps for one T1w. ``learnt`` (``RunRecord`` fields by name) is filled as they go, so
+    a failure's run record keeps what was known."""
     import ants
 
     from bids_app.participant.bias import correct_bias
     from bids_app.participant.brain import looks_skull_stripped, mask_from_nonzero
     from bids_app.participant.images import load_t1w, nifti_to_ants
 
-    timer = _StepTimer(record.setdefault("StepSeconds", {}), t1w, settings)
+    timer = _StepTimer(learnt.setdefault("step_seconds", {}), t1w, settings)
     engine = settings.engines(settings.engine, settings.omp_nthreads)
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
@@ -128,12 +136,12 @@ def process_t1w(
         nifti, header = load_t1w(t1w.path)
         t1w_img = nifti_to_ants(nifti)
     stripped_input = _skull_stripped_input(settings.skull_strip, nifti, looks_skull_stripped)
-    record.update(
-        SourceOrientation=header.source_orientation,
-        SourceShape=list(header.source_shape),
-        SourceZoomsMM=list(header.source_zooms),
-        HeaderFixes=list(header.actions),
-        SkullStripDecision=f"{settings.skull_strip}: "
+    learnt.update(
+        source_orientation=header.source_orientation,
+        source_shape=tuple(header.source_shape),
+        source_zooms_mm=tuple(header.source_zooms),
+        header_fixes=tuple(header.actions),
+        skull_strip_decision=f"{settings.skull_strip}: "
         + ("input already skull-stripped" if stripped_input else "brain extracted"),
     )
     log.info(
@@ -160,11 +168,11 @@ def process_t1w(
             preproc = correct_bias(t1w_img)
         with timer("brain_mask"):
             extraction = _extract_brain(preproc, settings, templates, template_images, work)
-        record["BrainExtraction"] = {
-            "Fallback": settings.fallback,
-            "KeptAttempt": extraction.kept,
-            "Attempts": [attempt.as_record() for attempt in extraction.attempts],
-        }
+        learnt["brain_extraction"] = BrainExtractionRecord(
+            fallback=settings.fallback,
+            kept_attempt=extraction.kept,
+            attempts=tuple(_attempt_record(attempt) for attempt in extraction.attempts),
+        )
         if not any(attempt.ok for attempt in extraction.attempts):
             raise BrainExtractionError(
                 f"{t1w.relpath}: no brain-extraction attempt passed its checks "
@@ -174,7 +182,9 @@ def process_t1w(
     mask = extraction.mask_img
 
     provenance = _provenance(t1w, settings, header, extraction)
-    outputs = _write_native(t1w, settings, preproc, mask, provenance, record)
+    outputs = _write_native(
+        t1w, settings, preproc, mask, provenance, learnt.get("brain_extraction")
+    )
 
     brain = preproc * mask
     moving_mask = ants.iMath(mask, "MD", _MASK_DILATION_VOX)
@@ -251,7 +261,37 @@ def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
     return looks_skull_stripped(np.asarray(nifti.dataobj), voxel_volume)
 
 
-def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> list[Path]:
+def _attempt_record(attempt: Attempt) -> ExtractionAttempt:
+    """One attempt as the run record and the mask's sidecar keep it (rounded for reading)."""
+    check = attempt.check
+    return ExtractionAttempt(
+        number=attempt.number,
+        why=attempt.why,
+        template=attempt.template,
+        engine=attempt.engine,
+        start=attempt.start,
+        start_score=round(attempt.start_score, 4),
+        head_volume_ratio=round(attempt.head_volume_ratio, 3),
+        problems=tuple(attempt.problems),
+        seconds=round(attempt.seconds, 1),
+        **(
+            {}
+            if check is None
+            else dict(
+                brain_volume_ml=round(check.volume_ml, 1),
+                template_mask_dice=round(check.template_dice, 4),
+                min_sector_coverage=round(check.min_sector_coverage, 4),
+                worst_sector=check.worst_sector,
+                outside_fraction=round(check.outside_fraction, 4),
+                volume_ratio=round(check.volume_ratio, 4),
+            )
+        ),
+    )
+
+
+def _write_native(
+    t1w, settings, preproc, mask, provenance, extraction: BrainExtractionRecord | None
+) -> list[Path]:
     from bids_app.participant.images import ants_to_nifti
 
     out = settings.output_dir
@@ -272,7 +312,7 @@ def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> lis
             "RawSources": provenance["Sources"],
             "Method": provenance["BrainMaskMethod"],
             # Every attempt, as the run record has them (absent for skull-stripped inputs).
-            **{key: record[key] for key in ("BrainExtraction",) if key in record},
+            **({"BrainExtraction": extraction.to_json()} if extraction is not None else {}),
         },
         drv.sidecar_path(mask_path),
     )
@@ -420,6 +460,23 @@ def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:
     }
 
 
+def _registration_record(settings: Settings) -> RegistrationRecord:
+    """What the methods text needs of the registration, from the registry, while it is known."""
+    from bids_app.registration.registry import ENGINES, get_preset
+
+    engine = ENGINES[settings.engine]
+    preset = get_preset(settings.engine, settings.preset)
+    return RegistrationRecord(
+        engine_label=engine.label,
+        engine_package=engine.package,
+        engine_version=_software_versions(settings.engine)[engine.package],
+        preset=preset.name,
+        stages=preset.description,
+        methods=tuple(preset.methods(masks=True)),
+        references=dict(preset.references),
+    )
+
+
 def _software_versions(engine: str = "ants") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -516,16 +573,16 @@ def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: 
         log, progress.T1wStarted(t1w.subject, prefix, t1w.relpath),
         "sub-%s: %s started (run %s)", t1w.subject, t1w.relpath, run.run_uuid,
     )  # fmt: skip
-    record = {"Source": drv.bids_uri(t1w.relpath)}
+    learnt: dict = {}
     try:
-        outcome = process_t1w(t1w, settings, templates, work_dir, record)
+        outcome = process_t1w(t1w, settings, templates, work_dir, learnt)
     except MninormError as err:
         outcome = _failure(t1w, str(err), start)
     except Exception as err:  # anything else: still isolate it, and keep the traceback
         # INFO: the T1w's log file keeps it; the console shows it with -v.
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
         outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
-    _write_run_record(settings, t1w, outcome, record, run, started)
+    _write_run_record(settings, t1w, outcome, learnt, run, started)
     progress.announce(
         log, progress.T1wEnded(t1w.subject, prefix, outcome.ok, outcome.seconds),
         "sub-%s: %s %s; run record %s", t1w.subject, t1w.relpath,
@@ -546,34 +603,39 @@ def _write_report(subject: str, settings: Settings) -> None:
 
 
 def _write_run_record(
-    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, record: dict, run: RunInfo,
+    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, learnt: dict, run: RunInfo,
     started: str,
 ) -> None:  # fmt: skip
     """What happened to one T1w, success or not, and in which run: reports and QC read it from
     disk."""
     out = settings.output_dir
-    record.update(
-        Status="ok" if outcome.ok else "failed",
-        Error=outcome.message or None,
-        TotalSeconds=round(outcome.seconds, 1),
-        OutputSpaces=[str(space) for space in settings.output_spaces],
-        Preset=settings.preset,
-        Engine=settings.engine,
-        RandomSeed=settings.random_seed,
-        Threads=settings.omp_nthreads,
-        Outputs=[drv.derivative_uri(out, path) for path in outcome.outputs],
-        Software=_software_versions(settings.engine),
-    )
-    # Provenance: the invocation (the same for all its participants) and this T1w's times
-    record.update(run.as_record())
-    record.update(
-        StartTime=started,
-        EndTime=utc_now(),
-        ThreadsTotal=settings.nthreads,
-        ParallelParticipants=1 if settings.in_process else settings.parallel_participants,
-    )
     try:
-        drv.write_json(record, drv.run_record_path(out, t1w))
+        record = RunRecord(
+            source=drv.bids_uri(t1w.relpath),
+            **learnt,
+            status="ok" if outcome.ok else "failed",
+            error=outcome.message or None,
+            total_seconds=round(outcome.seconds, 1),
+            output_spaces=tuple(str(space) for space in settings.output_spaces),
+            preset=settings.preset,
+            engine=settings.engine,
+            random_seed=settings.random_seed,
+            threads=settings.omp_nthreads,
+            outputs=tuple(drv.derivative_uri(out, path) for path in outcome.outputs),
+            software=_software_versions(settings.engine),
+            registration=_registration_record(settings),
+            # Provenance: the invocation (the same for all its participants) and this T1w's times
+            run_uuid=run.run_uuid,
+            command_line=run.command_line,
+            run_start_time=run.start_time,
+            cpu_count=run.cpu_count,
+            cpu_affinity_count=run.cpu_affinity,
+            start_time=started,
+            end_time=utc_now(),
+            threads_total=settings.nthreads,
+            parallel_participants=1 if settings.in_process else settings.parallel_participants,
+        )
+        write_run_record(record, drv.run_record_path(out, t1w))
     except OSError as err:  # the record is a convenience; its loss must not fail the T1w
         log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
 

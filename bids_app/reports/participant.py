@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bids_app.outputs import derivatives as drv
+from bids_app.outputs.record import BrainExtractionRecord
 from bids_app.reports import qc
 from bids_app.reports.html import format_number, format_seconds, render
 from bids_app.reports.methods import methods_text, recorded_registration
@@ -105,7 +106,7 @@ def rebuild_reports(output_dir: Path, participant_labels: tuple[str, ...] = ()) 
     Returns the participants whose report could not be built (each is logged).
     """
     from bids_app.errors import NothingMatchedError
-    from bids_app.participant.discovery import strip_prefix
+    from bids_app.outputs.source import strip_prefix
 
     available = qc.subjects_on_disk(output_dir)
     wanted = [strip_prefix(label, "sub-") for label in participant_labels] or available
@@ -270,17 +271,17 @@ def _overview(results) -> list[dict]:
 def _t1w_view(result: qc.T1wQC, drawn: _Figures) -> T1wView:
     record = result.record
     content = record.content
-    outputs = content.get("Outputs") or []
+    outputs = content.outputs
     return T1wView(
         anchor=_anchor(record),
         name=record.t1w.path.name,
         status=result.status,
         summary=_summary_rows(record),
         outputs=[(uri.split("::", 1)[-1], uri.split("/")[-1]) for uri in outputs],
-        error=None if record.ok else (content.get("Error") or "unknown error"),
+        error=None if record.ok else (content.error or "unknown error"),
         problems=drawn.problems,
         brain_mask=drawn.brain_mask,
-        extraction=_attempts(content.get("BrainExtraction") or {}),
+        extraction=_attempts(content.brain_extraction),
         spaces=[_space_view(space_qc, drawn) for space_qc in result.spaces],
     )
 
@@ -297,48 +298,48 @@ def _space_view(space_qc: qc.SpaceQC, drawn: _Figures) -> SpaceView:
     )
 
 
-def _attempts(extraction: dict) -> dict | None:
+def _attempts(extraction: BrainExtractionRecord | None) -> dict | None:
     """Every brain-extraction attempt: what, why, its checks, and which one was kept."""
-    attempts = extraction.get("Attempts") or []
+    attempts = extraction.attempts if extraction is not None else ()
     if not attempts:
         return None
-    kept = extraction.get("KeptAttempt")
+    kept = extraction.kept_attempt
     header = ("attempt", "why", "template", "engine", "start", "head volume ratio", "brain ml",
               "least-covered sector", "outside share", "problems", "time")  # fmt: skip
     rows = []
     for attempt in attempts:
-        sector = attempt.get("MinSectorCoverage")
+        sector = attempt.min_sector_coverage
         rows.append((
-            f"{attempt.get('Attempt')}{' (kept)' if attempt.get('Attempt') == kept else ''}",
-            attempt.get("Why"), attempt.get("Template"), attempt.get("Engine"),
-            attempt.get("Start"), format_number(attempt.get("HeadVolumeRatio"), "{:.2f}"),
-            format_number(attempt.get("BrainVolumeML"), "{:.0f}"),
-            None if sector is None else f"{sector:.0%} ({attempt.get('WorstSector')})",
-            format_number(attempt.get("OutsideFraction"), "{:.1%}"),
-            "; ".join(attempt.get("Problems") or []) or "none",
-            format_seconds(attempt.get("Seconds")),
+            f"{attempt.number}{' (kept)' if attempt.number == kept else ''}",
+            attempt.why, attempt.template, attempt.engine,
+            attempt.start, format_number(attempt.head_volume_ratio, "{:.2f}"),
+            format_number(attempt.brain_volume_ml, "{:.0f}"),
+            None if sector is None else f"{sector:.0%} ({attempt.worst_sector})",
+            format_number(attempt.outside_fraction, "{:.1%}"),
+            "; ".join(attempt.problems) or "none",
+            format_seconds(attempt.seconds),
         ))  # fmt: skip
-    fallback = "on" if extraction.get("Fallback", True) else "off (--no-fallback)"
+    fallback = "on" if extraction.fallback else "off (--no-fallback)"
     return {"header": header, "attempts": rows, "fallback": fallback}
 
 
-def _summary_rows(record: qc.RunRecord) -> list[tuple[str, object]]:
+def _summary_rows(record: qc.T1wRecord) -> list[tuple[str, object]]:
     content = record.content
-    steps = content.get("StepSeconds") or {}
-    software = content.get("Software") or {}
-    zooms = content.get("SourceZoomsMM") or []
+    steps = content.step_seconds
+    software = content.software
+    zooms = content.source_zooms_mm or ()
     return [
-        ("Input", content.get("Source")),
-        ("Run", content.get("Status")),
-        ("Input orientation", content.get("SourceOrientation")),
-        ("Input shape", " x ".join(map(str, content.get("SourceShape") or [])) or None),
+        ("Input", content.source),
+        ("Run", content.status),
+        ("Input orientation", content.source_orientation),
+        ("Input shape", " x ".join(map(str, content.source_shape or ())) or None),
         ("Input voxel size (mm)", " x ".join(f"{z:.3g}" for z in zooms) or None),
-        ("Header fixes", "; ".join(content.get("HeaderFixes") or []) or "none needed"),
-        ("Skull strip", content.get("SkullStripDecision")),
-        ("Output spaces", ", ".join(content.get("OutputSpaces") or [])),
+        ("Header fixes", "; ".join(content.header_fixes or ()) or "none needed"),
+        ("Skull strip", content.skull_strip_decision),
+        ("Output spaces", ", ".join(content.output_spaces)),
         ("Registration", recorded_registration(content).summary()),
-        ("Random seed; threads", f"{content.get('RandomSeed')}; {content.get('Threads')}"),
-        ("Run time", format_seconds(content.get("TotalSeconds"))),
+        ("Random seed; threads", f"{content.random_seed}; {content.threads}"),
+        ("Run time", format_seconds(content.total_seconds)),
         ("Steps", ", ".join(f"{k} {format_seconds(v)}" for k, v in steps.items()) or None),
         ("Software", ", ".join(f"{k} {v}" for k, v in software.items()) or None),
     ]
@@ -349,7 +350,7 @@ def _about(records) -> list[RunView]:
     run records (a T1w rerun alone has another run identifier than the others)."""
     runs: dict[str, list] = {}
     for record in records:
-        runs.setdefault(record.content.get("RunUUID") or "", []).append(record)
+        runs.setdefault(record.content.run_uuid or "", []).append(record)
     views = []
     for run_uuid, members in runs.items():
         names = ", ".join(record.t1w.path.name for record in members)
@@ -359,13 +360,13 @@ def _about(records) -> list[RunView]:
         content = members[0].content
         rows = [
             ("Run identifier", run_uuid, True),
-            ("Command line", content.get("CommandLine") or "n/a", True),
-            ("Run started (UTC)", content.get("RunStartTime") or "n/a", False),
+            ("Command line", content.command_line or "n/a", True),
+            ("Run started (UTC)", content.run_start_time or "n/a", False),
         ]
         rows += [
             (
                 f"{record.t1w.path.name} (UTC)",
-                f"{record.content.get('StartTime')} to {record.content.get('EndTime')}",
+                f"{record.content.start_time} to {record.content.end_time}",
                 False,
             )
             for record in members
@@ -373,20 +374,20 @@ def _about(records) -> list[RunView]:
         rows += [
             (
                 "CPUs",
-                f"{content.get('CPUCount', 'n/a')} on the machine, "
-                f"{content.get('CPUAffinityCount', 'n/a')} usable by the run",
+                f"{_or_na(content.cpu_count)} on the machine, "
+                f"{_or_na(content.cpu_affinity_count)} usable by the run",
                 False,
             ),
             (
                 "Threads",
-                f"{content.get('Threads', 'n/a')} per participant, "
-                f"{content.get('ParallelParticipants', 'n/a')} participant(s) at a time, "
-                f"{content.get('ThreadsTotal', 'n/a')} in all",
+                f"{_or_na(content.threads)} per participant, "
+                f"{_or_na(content.parallel_participants)} participant(s) at a time, "
+                f"{_or_na(content.threads_total)} in all",
                 False,
             ),
             (
                 "Software",
-                ", ".join(f"{k} {v}" for k, v in (content.get("Software") or {}).items()),
+                ", ".join(f"{k} {v}" for k, v in content.software.items()),
                 False,
             ),
         ]
@@ -424,5 +425,9 @@ def _methods_blocks(citation: str) -> list[tuple[str, object]]:
     return blocks
 
 
-def _anchor(record: qc.RunRecord) -> str:
+def _or_na(value) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _anchor(record: qc.T1wRecord) -> str:
     return f"t1w-{record.prefix}"
