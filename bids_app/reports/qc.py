@@ -24,6 +24,7 @@ import numpy as np
 from bids_app.errors import RunRecordError
 from bids_app.measures.maskcheck import LIMITS as MASK_LIMITS
 from bids_app.measures.maskcheck import OUTSIDE_DISTANCE_MM, check_mask
+from bids_app.measures.similarity import MI_BINS, correlation, dice, mutual_information
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.record import RunRecord, read_run_record
 from bids_app.outputs.source import T1wInput
@@ -35,7 +36,6 @@ STATUSES = ("pass", "warn", "fail")  # from best to worst
 
 # A determinant <= 0 is folding. The on-disk log-Jacobian maps floor it at log(1e-6); QC recomputes
 # determinants from the transform itself, so the count is exact.
-_MI_BINS = 32
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ COLUMNS: dict[str, str] = {
     "run_status": "ok or failed (from the run record)",
     "ncc": "Pearson (normalised cross-) correlation of the normalised T1w with the template T1w "
     "inside the template's brain mask; 1 = identical up to brightness and contrast",
-    "mi": f"mutual information (bits, {_MI_BINS}x{_MI_BINS} histogram) of the normalised T1w and "
+    "mi": f"mutual information (bits, {MI_BINS}x{MI_BINS} histogram) of the normalised T1w and "
     "the template T1w inside the template's brain mask",
     "nmi": "normalised mutual information (H(a) + H(b)) / H(a, b), between 1 (independent) and 2",
     "dice": "Dice overlap of the brain mask in template space with the template's brain mask",
@@ -275,39 +275,6 @@ def measured_space(spaces: list[OutputSpace], fetch_template: Callable) -> Outpu
 
 
 # ---- metrics ---------------------------------------------------------------------------------
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = _MI_BINS) -> tuple[float, float]:
-    """(mutual information in bits, normalised mutual information) of two samples."""
-
-    def _clipped(x):
-        low, high = np.percentile(x, [0.5, 99.5])
-        return np.clip(x, low, high), (low, high if high > low else low + 1)
-
-    a, a_range = _clipped(a.astype(np.float64).ravel())
-    b, b_range = _clipped(b.astype(np.float64).ravel())
-    joint, _, _ = np.histogram2d(a, b, bins=bins, range=(a_range, b_range))
-    joint /= joint.sum()
-
-    def _entropy(p):
-        p = p[p > 0]
-        return float(-(p * np.log2(p)).sum())
-
-    h_a, h_b, h_ab = _entropy(joint.sum(1)), _entropy(joint.sum(0)), _entropy(joint)
-    return h_a + h_b - h_ab, ((h_a + h_b) / h_ab if h_ab > 0 else float("nan"))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = int(a.sum() + b.sum())
-    return 2 * int((a & b).sum()) / total if total else float("nan")
 
 
 def jacobian_summary(composite, template_mask_img) -> dict:
