@@ -99,8 +99,8 @@ class FakeEngine:
 
     def _fields(self, fixed):
         """``displacement`` u and its inverse v ((id + v) = (id + u)^-1) on the fixed grid."""
-        from bids_app.participant.images import ants_to_nifti
         from bids_app.transforms import DisplacementField
+        from bids_app.transforms.orientation import ants_to_nifti
 
         grid = ants_to_nifti(fixed)
         shape, affine = grid.shape[:3], grid.affine

@@ -19,10 +19,10 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.outputs import derivatives as drv
-from bids_app.participant.images import ants_to_nifti
 from bids_app.reports.qc import T1wRecord
 from bids_app.settings import OutputSpace
 from bids_app.transforms import read_composite
+from bids_app.transforms.orientation import ants_to_nifti
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -183,8 +183,8 @@ def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
 
     import ants
 
-    from bids_app.participant.images import ants_to_nifti
     from bids_app.transforms import CompositeTransform, read_composite, write_composite
+    from bids_app.transforms.orientation import ants_to_nifti
 
     began = time.perf_counter()
     template, engine = plan.template, plan.engine

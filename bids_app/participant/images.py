@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.errors import ImageError
-from bids_app.transforms.orientation import itk_grid_from_ras, ras_affine_from_itk
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +115,6 @@ def _best_affine(img, path: Path, actions: list[str]) -> np.ndarray:
     actions.append("no qform/sform set: used the voxel sizes only (orientation unknown)")
     log.warning("%s: neither qform nor sform is set; assuming RAS voxel axes", path)
     return img.affine
-
-
-def nifti_to_ants(img: nib.Nifti1Image):
-    """A nibabel image as an ANTs image with the same voxels and physical space."""
-    import ants
-
-    origin, spacing, direction = itk_grid_from_ras(img.affine)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return ants.from_numpy(
-        data, origin=origin.tolist(), spacing=spacing.tolist(), direction=direction
-    )
-
-
-def ants_to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
-    """An ANTs image as a nibabel image (RAS affine), with sform and qform set."""
-    affine = ras_affine_from_itk(
-        np.asarray(image.origin), np.asarray(image.spacing), np.asarray(image.direction)
-    )
-    out = nib.Nifti1Image(image.numpy().astype(dtype), affine)
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    return out
 
 
 def clean_mask(mask_img):

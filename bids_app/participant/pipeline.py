@@ -124,7 +124,8 @@ def process_t1w(
 
     from bids_app.participant.bias import correct_bias
     from bids_app.participant.brain import looks_skull_stripped, mask_from_nonzero
-    from bids_app.participant.images import load_t1w, nifti_to_ants
+    from bids_app.participant.images import load_t1w
+    from bids_app.transforms.orientation import nifti_to_ants
 
     timer = _StepTimer(learnt.setdefault("step_seconds", {}), t1w, settings)
     engine = settings.engines(settings.engine, settings.omp_nthreads)
@@ -292,7 +293,7 @@ def _attempt_record(attempt: Attempt) -> ExtractionAttempt:
 def _write_native(
     t1w, settings, preproc, mask, provenance, extraction: BrainExtractionRecord | None
 ) -> list[Path]:
-    from bids_app.participant.images import ants_to_nifti
+    from bids_app.transforms.orientation import ants_to_nifti
 
     out = settings.output_dir
     t1w_path = drv.native_path(out, t1w, "t1w")
@@ -322,9 +323,9 @@ def _write_native(
 def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, provenance):
     import ants
 
-    from bids_app.participant.images import ants_to_nifti, nifti_to_ants
     from bids_app.transforms import read_composite
     from bids_app.transforms.jacobian import log_jacobians
+    from bids_app.transforms.orientation import ants_to_nifti, nifti_to_ants
 
     out = settings.output_dir
     name = template_set.name
