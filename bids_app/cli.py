@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for one participant (default: --nthreads, up to 8); participants run in "
         "parallel when --nthreads allows more than one",
     )  # fmt: skip
+    run.add_argument(
+        "--mem-mb", "--mem_mb", type=int, metavar="MB",
+        help="memory (MiB) the participants running at once may use together, as fMRIPrep's "
+        "--mem: fewer run at once if their estimated peaks would exceed it, and a participant "
+        "that alone would exceed it fails with that reason instead of being killed (default: "
+        "no limit; the threads decide)",
+    )  # fmt: skip
 
     group = parser.add_argument_group("group level")
     group.add_argument(
@@ -179,6 +186,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         raise _UnknownLevel(args.analysis_level)
     if args.nthreads < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nthreads and --omp-nthreads must be at least 1")
+    if args.mem_mb is not None and args.mem_mb < 1:
+        raise UsageError(f"--mem-mb must be at least 1 (MiB), not {args.mem_mb}")
     if args.random_seed < 0:
         raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
     if args.analysis_level != "group" or args.bids_dir.exists():
@@ -207,6 +216,7 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         brain_template_required=args.brain_template is not None,
         fallback=not args.no_fallback,
         in_process=args.in_process,
+        mem_mb=args.mem_mb,
         engines=engines,
     )
 

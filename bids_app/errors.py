@@ -58,3 +58,7 @@ class BrainExtractionError(MninormError):
 
 class RegistrationError(MninormError):
     """ANTs failed or produced an unusable transform."""
+
+
+class MemoryBudgetError(MninormError):
+    """A participant alone needs more memory than ``--mem-mb`` allows: it is not started."""

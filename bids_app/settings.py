@@ -108,6 +108,7 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    mem_mb: int | None = None  # --mem-mb: the memory all running participants share (MiB)
     # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real
     # ones, or the tests' fake. It must pickle: participants run in spawned processes.
     engines: EngineFactory = field(default=get_engine, compare=False, repr=False)
