@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             "input; 17 unknown analysis level; 18 labels or filters matched nothing; 64 usage "
             "error; 65 --group-by gave no group comparison (the other group outputs are written); "
             "66 missing input (group level: no participant results in output_dir); 69 template "
-            "unavailable offline; 130 interrupted."
+            "unavailable offline; 130 interrupted (Ctrl-C or SIGTERM)."
         ),
     )
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None, *, engines: EngineFactory = get_engine) 
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
-    with console_logging(verbosity):
+    with console_logging(verbosity), _sigterm_interrupts():
         return _run(args, run, verbosity, engines)
 
 
@@ -258,8 +260,27 @@ def _run(
         log.error("%s", err)
         return int(err.exit_code)
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted: the participants not finished have no complete outputs; run again")
         return int(ExitCode.INTERRUPTED)
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's or ``docker stop``'s) as Ctrl-C: the run stops its participants'
+    processes and removes its temporary folder instead of dying on the spot. Only where a signal
+    handler may be set (the main thread: tests call ``main`` from others)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
@@ -277,8 +298,14 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     for subject in selection.subjects_without_t1w:
         log.error("sub-%s: no T1w image found (anat/*_T1w.nii[.gz]); skipped", subject)
     templates = resolve_templates(settings)
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
-    derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    except OSError as err:  # not writable, not a folder, disk full: before any participant
+        raise MninormError(
+            f"cannot write in output_dir {settings.output_dir} ({err}); choose a folder you can "
+            "write to, or fix its permissions or free space, then run again"
+        ) from err
     count = sum(len(t1ws) for t1ws in selection.t1w_by_subject.values())
     log.info(
         "%d T1w image(s) of %d participant(s); spaces: %s; preset %s; %d thread(s) each",

@@ -7,9 +7,11 @@ crash must not take the others down); one T1w's failure never stops the other T1
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from logging.handlers import QueueListener
@@ -526,6 +528,14 @@ def _run_t1w(
         outcome = process_t1w(t1w, settings, templates, work_dir, record)
     except MninormError as err:
         outcome = _failure(t1w, str(err), start)
+    except OSError as err:  # a full disk, a folder made read-only: the writes are atomic
+        log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
+        outcome = _failure(
+            t1w,
+            f"{type(err).__name__}: {err}; make room or fix the permissions, then run this "
+            "participant again (no output was left half-written)",
+            start,
+        )
     except Exception as err:  # anything else: still isolate it, and keep the traceback
         # INFO: the T1w's log file keeps it; the console shows it with -v.
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
@@ -659,26 +669,47 @@ def _run_in_children(
     listener = QueueListener(queue, logs.Relay())
     listener.start()
     budget = MemoryBudget(plan.budget_mib) if plan is not None else None
+    stop = threading.Event()
+    threads = ThreadPoolExecutor(settings.parallel_participants)
+    futures = {}
     try:
         shared = (settings, templates, work_dir, run, verbosity, queue)
-        with ThreadPoolExecutor(settings.parallel_participants) as threads:
-            futures = {}
-            for subject, t1ws in by_subject.items():
-                memory = budget.reserve(plan.estimates_mib[subject]) if budget else nullcontext()
-                futures[subject] = threads.submit(
-                    _run_within_budget, memory, subject, t1ws, *shared
-                )
-            return {subject: future.result() for subject, future in futures.items()}
+        for subject, t1ws in by_subject.items():
+            memory = budget.reserve(plan.estimates_mib[subject]) if budget else nullcontext()
+            futures[subject] = threads.submit(
+                _run_within_budget, memory, stop, subject, t1ws, *shared
+            )
+        return {subject: future.result() for subject, future in futures.items()}
+    except BaseException:  # Ctrl-C, SIGTERM (cli): no new participant, and end the running ones
+        stop.set()
+        threads.shutdown(wait=False, cancel_futures=True)
+        _end_children(futures.values())
+        raise
     finally:
+        threads.shutdown(wait=True)
         listener.stop()  # after the records still in the queue
         queue.close()
         queue.join_thread()
 
 
-def _run_within_budget(reservation, *args) -> list[T1wOutcome]:
-    """Start the participant's process once its memory is reserved (``memory.MemoryBudget``)."""
+def _run_within_budget(reservation, stop: threading.Event, subject, t1ws, *args):
+    """Start the participant's process once its memory is reserved (``memory.MemoryBudget``),
+    unless the run is being stopped meanwhile."""
     with reservation:
-        return _run_in_child(*args)
+        if stop.is_set():
+            start = time.perf_counter()
+            return [_failure(t1w, "not started: the run was interrupted", start) for t1w in t1ws]
+        return _run_in_child(subject, t1ws, *args)
+
+
+def _end_children(futures) -> None:
+    """Terminate the participants' processes until every thread that starts them is done (one
+    may be starting a process while this runs)."""
+    pending = list(futures)
+    while pending:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        pending = list(wait(pending, timeout=0.5).not_done)
 
 
 def _run_in_child(
@@ -694,7 +725,13 @@ def _run_in_child(
                 _participant_in_child, subject, t1ws, settings, templates, work_dir, run, verbosity
             ).result()
         except Exception as err:  # the process died (memory, segfault): report, go on
-            message = f"the participant's process died ({type(err).__name__}: {err})"
+            message = (
+                f"the participant's process died ({type(err).__name__}: {err}); if the system "
+                "ran out of memory, run fewer participants at once (--mem-mb) or give it more"
+            )
+            # A process killed while writing leaves the temporary file of that write behind.
+            for path in drv.remove_partial_files(settings.output_dir / f"sub-{subject}"):
+                log.info("sub-%s: removed %s, left half-written by the process", subject, path)
             outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
             event = progress.ParticipantEnded(subject, 0, len(t1ws), 0.0)
             progress.announce(log, event, "sub-%s: the participant's process died", subject)
