@@ -524,7 +524,7 @@ def _run_t1w(
     record = {"Source": drv.bids_uri(t1w.relpath)}
     try:
         if refusal is not None:
-            raise MemoryBudgetError(f"{t1w.relpath}: {refusal}")
+            raise MemoryBudgetError(refusal)
         outcome = process_t1w(t1w, settings, templates, work_dir, record)
     except MninormError as err:
         outcome = _failure(t1w, str(err), start)
