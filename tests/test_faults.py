@@ -384,6 +384,7 @@ def test_a_killed_participant_process_fails_alone_within_the_memory_plan(bids, t
     assert "sub-09/anat/sub-09_T1w.nii.gz: FAILED: the participant's process died" in console
     assert "--mem-mb" in console.split("process died", 1)[1]  # what to do about it
     _assert_nothing_half_written(out)
+    assert "sub-09: removed " in console and "being_written" in console  # the cleaning happened
     assert not list((out / "sub-09").rglob("*being_written*"))
     _assert_good_participant_complete(out)
     assert multiprocessing.active_children() == []  # no process left behind
