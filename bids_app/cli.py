@@ -1,5 +1,5 @@
-"""The ``mninorm`` command: the BIDS Apps command line, and the one place that turns errors into
-exit codes (see ``errors.ExitCode``)."""
+"""The ``mninorm`` command: the BIDS Apps command line. Errors become exit codes (see
+``errors.ExitCode``) in ``console.run_command``, as for ``mninorm-transform``."""
 
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bids_app import __version__
+from bids_app.console import open_console, run_command
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
-from bids_app.provenance import RunInfo, start_run
-from bids_app.registration.base import EngineFactory, get_engine
+from bids_app.outputs.provenance import RunInfo, start_run
+from bids_app.registration.registry import DEFAULT_ENGINE, ENGINES, EngineFactory, get_engine
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
-    DEFAULT_ENGINE,
     DEFAULT_SEED,
     DEFAULT_SPACE,
-    ENGINES,
     PRESETS,
     SKULL_STRIP_MODES,
     Settings,
@@ -33,6 +32,8 @@ from bids_app.settings import (
 
 log = logging.getLogger("bids_app")
 
+# What Ctrl-C or SIGTERM ends the participant level with (exit code 130)
+INTERRUPTED = "interrupted: the participants not finished have no complete outputs; run again"
 THREAD_VARIABLES = (
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
     "OMP_NUM_THREADS",
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_engine) -> Settings:
-    from bids_app.discovery import load_filter_file
+    from bids_app.participant.discovery import load_filter_file
 
     if args.analysis_level not in ("participant", "group"):
         raise _UnknownLevel(args.analysis_level)
@@ -198,6 +199,9 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         check_folders(args.bids_dir, args.output_dir, args.work_dir)
     spaces = parse_output_spaces(args.output_spaces)
     omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
+    group_level = args.analysis_level == "group"
+    if args.group_by and not group_level:
+        log.warning("--group-by is used only at the group level: ignored")
     return Settings(
         bids_dir=args.bids_dir.resolve(),
         output_dir=args.output_dir.resolve(),
@@ -219,6 +223,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         fallback=not args.no_fallback,
         in_process=args.in_process,
         mem_mb=args.mem_mb,
+        reports_only=args.reports_only,
+        group_by=args.group_by if group_level else None,
         engines=engines,
     )
 
@@ -238,30 +244,21 @@ def main(argv: list[str] | None = None, *, engines: EngineFactory = get_engine) 
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
     with console_logging(verbosity), _sigterm_interrupts():
-        return _run(args, run, verbosity, engines)
+        return run_command(
+            lambda: _run(args, run, verbosity, engines), debug=args.debug, interrupted=INTERRUPTED
+        )
 
 
 def _run(
     args: argparse.Namespace, run: RunInfo, verbosity: Verbosity, engines: EngineFactory
 ) -> int:
-    try:
-        settings = settings_from_args(args, engines)
-        _set_thread_environment(settings.omp_nthreads)
-        if settings.analysis_level == "group":
-            return run_group(settings, args.group_by)
-        if args.group_by:
-            log.warning("--group-by is used only at the group level: ignored")
-        if args.reports_only:
-            return run_reports_only(settings)
-        return run_participant_level(settings, run, verbosity)
-    except MninormError as err:
-        if args.debug:
-            raise
-        log.error("%s", err)
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        log.error("interrupted: the participants not finished have no complete outputs; run again")
-        return int(ExitCode.INTERRUPTED)
+    settings = settings_from_args(args, engines)
+    _set_thread_environment(settings.omp_nthreads)
+    if settings.analysis_level == "group":
+        return run_group(settings)
+    if settings.reports_only:
+        return run_reports_only(settings)
+    return run_participant_level(settings, run, verbosity)
 
 
 @contextmanager
@@ -284,9 +281,9 @@ def _sigterm_interrupts():
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
-    from bids_app import derivatives
-    from bids_app.discovery import collect_t1w
-    from bids_app.pipeline import resolve_templates, run_participants
+    from bids_app.outputs import derivatives
+    from bids_app.participant.discovery import collect_t1w
+    from bids_app.participant.pipeline import resolve_templates, run_participants
 
     selection = collect_t1w(
         settings.bids_dir,
@@ -326,13 +323,13 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
 
 
 def run_reports_only(settings: Settings) -> int:
-    from bids_app.report import rebuild_reports
+    from bids_app.reports.participant import rebuild_reports
 
     failed = rebuild_reports(settings.output_dir, settings.participant_labels)
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
 
 
-def run_group(settings: Settings, group_by: str | None = None) -> int:
+def run_group(settings: Settings) -> int:
     from bids_app.group import GroupSettings
     from bids_app.group import run_group as run
 
@@ -340,7 +337,7 @@ def run_group(settings: Settings, group_by: str | None = None) -> int:
         GroupSettings(
             output_dir=settings.output_dir,
             bids_dir=settings.bids_dir,  # may be absent: only --group-by needs it
-            group_by=group_by,
+            group_by=settings.group_by,
             participant_labels=settings.participant_labels,
             session_labels=settings.session_labels,
         )
@@ -382,8 +379,6 @@ def console_logging(verbosity: Verbosity):
     """While ``mninorm`` runs: the console (``console.ConsoleHandler``) is the root logger's one
     handler, other packages' loggers are quietened, warnings go through logging. The root logger's
     handlers and level come back afterwards (tests call ``main`` in their process)."""
-    from bids_app.console import open_console
-
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     console = open_console(verbosity)

@@ -1,7 +1,7 @@
 """The exception hierarchy and the exit codes the command returns.
 
-Exit codes follow the draft BIDS execution spec where it has one; ``cli.main`` is the only place
-that turns exceptions into them.
+Exit codes follow the draft BIDS execution spec where it has one; ``console.run_command`` is the
+only place that turns exceptions into them (for both commands).
 """
 
 from __future__ import annotations

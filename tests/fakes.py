@@ -60,8 +60,9 @@ class FakeEngine:
     ``DIVERGED_VOLUME``, as a real affine that diverged (brain extraction's fallback must catch it).
     """
 
-    def __init__(self, name="greedy", poses=None, amplitude=AMPLITUDE_MM, diverging=0):
+    def __init__(self, name="greedy", poses=None, amplitude=AMPLITUDE_MM, diverging=0, threads=1):
         self.name = name
+        self.threads = threads
         self.poses = dict(poses or {})  # 'sub-01' -> its affine, template -> participant points
         self.amplitude = amplitude
         self.diverging = diverging
@@ -71,8 +72,7 @@ class FakeEngine:
         self, fixed, moving, *, preset: str, out_prefix: Path, seed: int, fixed_mask=None,
         moving_mask=None, initial_xfm: Path | None = None,
     ) -> RegistrationResult:  # fmt: skip
-        from bids_app.registration.composite import write_composite
-        from bids_app.transforms import CompositeTransform, read_composite
+        from bids_app.transforms import CompositeTransform, read_composite, write_composite
 
         if preset not in REQUIRED_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {REQUIRED_PRESETS}")
@@ -99,7 +99,7 @@ class FakeEngine:
 
     def _fields(self, fixed):
         """``displacement`` u and its inverse v ((id + v) = (id + u)^-1) on the fixed grid."""
-        from bids_app.images import ants_to_nifti
+        from bids_app.participant.images import ants_to_nifti
         from bids_app.transforms import DisplacementField
 
         grid = ants_to_nifti(fixed)
@@ -126,8 +126,8 @@ class FakeEngines:
         self.poses, self.amplitude = poses, amplitude
         self.diverging = dict(diverging or {})
 
-    def __call__(self, name: str) -> FakeEngine:
-        return FakeEngine(name, self.poses, self.amplitude, self.diverging.get(name, 0))
+    def __call__(self, name: str, threads: int = 1) -> FakeEngine:
+        return FakeEngine(name, self.poses, self.amplitude, self.diverging.get(name, 0), threads)
 
 
 class DyingEngines(FakeEngines):
@@ -139,19 +139,19 @@ class DyingEngines(FakeEngines):
         super().__init__(poses)
         self.doomed, self.output_dir = tuple(doomed), Path(output_dir)
 
-    def __call__(self, name: str) -> FakeEngine:
-        return _DyingEngine(self, name)
+    def __call__(self, name: str, threads: int = 1) -> FakeEngine:
+        return _DyingEngine(self, name, threads)
 
 
 class _DyingEngine(FakeEngine):
-    def __init__(self, factory: DyingEngines, name: str):
-        super().__init__(name, factory.poses, factory.amplitude)
+    def __init__(self, factory: DyingEngines, name: str, threads: int = 1):
+        super().__init__(name, factory.poses, factory.amplitude, threads=threads)
         self.factory = factory
 
     def register(self, fixed, moving, *, out_prefix: Path, **kwargs):
         import signal
 
-        from bids_app.derivatives import atomic_path
+        from bids_app.outputs.derivatives import atomic_path
 
         subject = next((p for p in Path(out_prefix).parts if p in self.factory.doomed), None)
         if subject is not None:

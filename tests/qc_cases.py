@@ -18,9 +18,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_app import derivatives as drv
-from bids_app.images import ants_to_nifti
-from bids_app.qc import RunRecord
+from bids_app.outputs import derivatives as drv
+from bids_app.participant.images import ants_to_nifti
+from bids_app.reports.qc import RunRecord
 from bids_app.settings import OutputSpace
 from bids_app.transforms import read_composite
 
@@ -68,8 +68,8 @@ def write_itk_composite(path: Path, affine_ras: np.ndarray, field_lps=None) -> P
 def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = False) -> dict:
     """What the pipeline records (``pipeline._provenance``) for a T1w run with this engine and
     preset: the sidecars' "Registration", "BrainMaskMethod", "Software"..."""
-    from bids_app.images import HeaderReport
-    from bids_app.pipeline import _provenance
+    from bids_app.participant.images import HeaderReport
+    from bids_app.participant.pipeline import _provenance
     from bids_app.settings import Settings
 
     settings = Settings(
@@ -82,7 +82,7 @@ def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = Fa
 
 def recorded_extraction(engine: str, stripped_input: bool = False):
     """A brain extraction as the pipeline records it: one attempt that passed its checks."""
-    from bids_app.brain import Attempt, BrainExtraction
+    from bids_app.participant.brain import Attempt, BrainExtraction
 
     if stripped_input:
         return BrainExtraction(None, None, True)
@@ -107,7 +107,7 @@ def write_synthetic_outputs(
     """A run's outputs for one T1w whose image is the template itself (shifted along y by
     ``shift_voxels``), with an identity transform, and the sidecars and run record the pipeline
     writes for a run with ``engine`` and ``preset``. Returns the run record's path."""
-    from bids_app.discovery import T1wInput
+    from bids_app.participant.discovery import T1wInput
 
     name = f"sub-{subject}" + (f"_run-{run}" if run else "") + "_T1w.nii.gz"
     relpath = f"sub-{subject}/anat/{name}"

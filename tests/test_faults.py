@@ -31,10 +31,10 @@ import pytest
 from conftest import DATASET_POSES, TEST_TEMPLATE, tree_digest
 from fakes import DyingEngines, FakeEngines
 
-from bids_app import derivatives as drv
 from bids_app.cli import main
 from bids_app.errors import ExitCode
 from bids_app.logs import output_to
+from bids_app.outputs import derivatives as drv
 
 SPACE = TEST_TEMPLATE
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"

@@ -24,12 +24,12 @@ from conftest import TEST_TEMPLATE, logging_restored
 from qc_cases import templates_in
 from scipy import stats
 
-from bids_app import derivatives as drv
 from bids_app.cli import main
 from bids_app.errors import ExitCode, MissingInputError, MninormError
 from bids_app.group import GroupSettings, run_group
 from bids_app.group.cohort import robust_z
 from bids_app.group.maps import RunningStats
+from bids_app.outputs import derivatives as drv
 from bids_app.settings import OutputSpace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def load(path: Path) -> np.ndarray:
 
 
 def table(out: Path) -> list[dict]:
-    from bids_app.qc import read_qc_table
+    from bids_app.reports.qc import read_qc_table
 
     return read_qc_table(drv.group_table_path(out, "qc"))
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import reorient
 
 from bids_app.errors import ImageError
-from bids_app.images import ants_to_nifti, load_t1w, nifti_to_ants
+from bids_app.participant.images import ants_to_nifti, load_t1w, nifti_to_ants
 
 
 def _image(shape=(12, 14, 10), affine=None, seed=0):

@@ -18,11 +18,12 @@ import pytest
 from conftest import TEST_TEMPLATE
 from qc_cases import recorded_extraction, recorded_provenance, write_synthetic_outputs
 
-from bids_app import derivatives as drv
-from bids_app import qc
-from bids_app.methods import methods_text, recorded_registration, template_references
-from bids_app.registration.base import by_level, get_preset
-from bids_app.report import write_participant_report
+from bids_app.outputs import derivatives as drv
+from bids_app.registration.base import by_level
+from bids_app.registration.registry import get_preset
+from bids_app.reports import qc
+from bids_app.reports.methods import methods_text, recorded_registration, template_references
+from bids_app.reports.participant import write_participant_report
 from bids_app.templates import Template
 
 ENGINE_PRESETS = [
@@ -264,8 +265,8 @@ def test_template_references_come_from_its_description(name, citations, expected
 
 def test_the_recorded_interpolation_is_what_the_outputs_are_written_with():
     """A tripwire: ``_provenance`` records by hand what ``_write_template_outputs`` does."""
-    from bids_app import pipeline
-    from bids_app.discovery import T1wInput
+    from bids_app.participant import pipeline
+    from bids_app.participant.discovery import T1wInput
 
     t1w = T1wInput("01", Path("sub-01_T1w.nii.gz"), "sub-01/anat/sub-01_T1w.nii.gz", {})
     recorded = recorded_provenance(t1w, "greedy", "fast")["Registration"]["OutputInterpolation"]

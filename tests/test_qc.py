@@ -10,7 +10,7 @@ import pytest
 from conftest import TEST_TEMPLATE
 from qc_cases import write_affine_xfm, write_itk_composite, write_synthetic_outputs
 
-from bids_app import qc
+from bids_app.reports import qc
 
 
 @pytest.fixture

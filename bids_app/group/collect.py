@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import derivatives as drv
-from bids_app import qc
-from bids_app.discovery import T1wInput, strip_prefix
 from bids_app.errors import MissingInputError, MninormError, NothingMatchedError
-from bids_app.figures import VIEWS
+from bids_app.outputs import derivatives as drv
+from bids_app.participant.discovery import T1wInput, strip_prefix
+from bids_app.reports import qc
+from bids_app.reports.figures import VIEWS
 from bids_app.settings import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ def canonical_array(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def take_preview(canonical: np.ndarray, cuts: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
     """One 2D section per view through ``cuts``, rows going up (superior or anterior)."""
-    from bids_app.figures import _slice
+    from bids_app.reports.figures import _slice
 
     return tuple(
         np.array(_slice(canonical, view, cut), dtype=np.float32)

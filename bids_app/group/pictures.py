@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from bids_app.figures import OUTLINE_COLOURS, VIEWS, _slice, _window
+from bids_app.reports.figures import OUTLINE_COLOURS, VIEWS, _slice, _window
 
 THUMBNAIL_PIXELS = 100  # sections are enlarged or decimated to about this height
 MOSAIC_PIXELS = 150  # (enlarged only: the mosaics keep every voxel of fine grids)

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from bids_app import __version__
-from bids_app import derivatives as drv
 from bids_app.group.cohort import CohortRow, SpaceCohort
 from bids_app.group.collect import SpaceResults, canonical_array, canonical_zooms, take_preview
 from bids_app.group.design import Design
 from bids_app.group.maps import SpaceMaps
 from bids_app.group.pictures import mosaic_png, thumbnail_png
-from bids_app.report import _STYLE, QC_ROWS, _badge, _e, _number
+from bids_app.outputs import derivatives as drv
+from bids_app.reports.participant import _STYLE, QC_ROWS, _badge, _e, _number
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def _maps(output_dir: Path, section: SpaceSection) -> str:
 def _map_figures(output_dir: Path, section: SpaceSection) -> list[str]:
     import nibabel as nib
 
-    from bids_app import figures
+    from bids_app.reports import figures
 
     space = section.space
     mean_path = drv.group_space_path(output_dir, "t1w_mean", space.label)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bids_app import __version__
-from bids_app.discovery import T1wInput
+from bids_app.participant.discovery import T1wInput
 from bids_app.settings import OutputSpace
 
 CODE_URL = "https://github.com/mninorm/mninorm"

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import derivatives as drv
-from bids_app.discovery import T1wInput
-from bids_app.maskcheck import LIMITS as MASK_LIMITS
-from bids_app.maskcheck import OUTSIDE_DISTANCE_MM, check_mask
+from bids_app.measures.maskcheck import LIMITS as MASK_LIMITS
+from bids_app.measures.maskcheck import OUTSIDE_DISTANCE_MM, check_mask
+from bids_app.outputs import derivatives as drv
+from bids_app.participant.discovery import T1wInput
 from bids_app.settings import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def jacobian_summary(composite, template_mask_img) -> dict:
     as read from its .h5) inside the template's brain."""
     from nibabel.processing import resample_from_to
 
-    from bids_app.jacobian import field_determinant, folding_fraction
+    from bids_app.transforms.jacobian import field_determinant, folding_fraction
 
     # Signed: a 12-parameter affine can mirror a brain whose header flips an axis, and then fit
     # it well (Greedy did, on the flipped-header QC case); a negative ratio fails the rule.

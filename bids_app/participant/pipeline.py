@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import derivatives as drv
 from bids_app import logs, progress
-from bids_app.brain import BrainExtraction
-from bids_app.discovery import T1wInput
 from bids_app.errors import BrainExtractionError, MemoryBudgetError, MninormError
-from bids_app.headstart import write_start
-from bids_app.provenance import RunInfo, utc_now
+from bids_app.outputs import derivatives as drv
+from bids_app.outputs.provenance import RunInfo, utc_now
+from bids_app.participant.brain import BrainExtraction
+from bids_app.participant.discovery import T1wInput
+from bids_app.participant.headstart import write_start
 from bids_app.settings import OutputSpace, Settings
 from bids_app.templates import Template
 
@@ -117,12 +117,12 @@ def process_t1w(
     """All steps for one T1w. ``record`` is filled as they go, so a failure keeps what was known."""
     import ants
 
-    from bids_app.bias import correct_bias
-    from bids_app.brain import looks_skull_stripped, mask_from_nonzero
-    from bids_app.images import load_t1w, nifti_to_ants
+    from bids_app.participant.bias import correct_bias
+    from bids_app.participant.brain import looks_skull_stripped, mask_from_nonzero
+    from bids_app.participant.images import load_t1w, nifti_to_ants
 
     timer = _StepTimer(record.setdefault("StepSeconds", {}), t1w, settings)
-    engine = settings.engines(settings.engine)
+    engine = settings.engines(settings.engine, settings.omp_nthreads)
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
     work.mkdir(parents=True, exist_ok=True)
@@ -213,8 +213,8 @@ def process_t1w(
 def _extract_brain(preproc, settings: Settings, templates: Templates, template_images, work: Path):
     """Brain extraction with its fallback plan: the extraction template first, then the first
     output template's head, then the other engine."""
-    from bids_app.brain import BrainTemplate, extract_brain, extraction_plans
-    from bids_app.settings import ENGINES
+    from bids_app.participant.brain import BrainTemplate, extract_brain, extraction_plans
+    from bids_app.registration.registry import ENGINES
 
     candidates = []
     if templates.brain is not None:
@@ -231,8 +231,10 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
     first = settings.templates[0]
     if first not in [candidate.name for candidate in candidates]:
         candidates.append(BrainTemplate(first, *template_images[first]))
-    engines = [settings.engines(settings.engine)]
-    engines += [settings.engines(name) for name in ENGINES if name != settings.engine]
+    engines = [settings.engines(settings.engine, settings.omp_nthreads)]
+    engines += [
+        settings.engines(name, settings.omp_nthreads) for name in ENGINES if name != settings.engine
+    ]
     plans = extraction_plans(candidates, engines, settings.fallback)
     return extract_brain(preproc, plans, work / "brain_", settings.random_seed)
 
@@ -253,7 +255,7 @@ def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
 
 
 def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> list[Path]:
-    from bids_app.images import ants_to_nifti
+    from bids_app.participant.images import ants_to_nifti
 
     out = settings.output_dir
     t1w_path = drv.native_path(out, t1w, "t1w")
@@ -283,9 +285,9 @@ def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> lis
 def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, provenance):
     import ants
 
-    from bids_app.images import ants_to_nifti, nifti_to_ants
-    from bids_app.jacobian import log_jacobians
+    from bids_app.participant.images import ants_to_nifti, nifti_to_ants
     from bids_app.transforms import read_composite
+    from bids_app.transforms.jacobian import log_jacobians
 
     out = settings.output_dir
     name = template_set.name
@@ -391,7 +393,7 @@ def _templateflow_uri(template: Template) -> str:
 
 
 def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:
-    from bids_app.registration.base import ENGINES, get_preset
+    from bids_app.registration.registry import ENGINES, get_preset
 
     preset = get_preset(settings.engine, settings.preset)
     engine = ENGINES[settings.engine]
@@ -424,7 +426,7 @@ def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:
 def _software_versions(engine: str = "ants") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from bids_app.registration.base import ENGINES
+    from bids_app.registration.registry import ENGINES
 
     versions = {}
     packages = ("mninorm", "antspyx", ENGINES[engine].package, "nibabel", "numpy", "pybids",
@@ -479,7 +481,7 @@ class _StepTimer:
 
 def _registration_words(settings: Settings) -> str:
     """'Greedy, 1.5 mm grid': how the T1w is registered, for the progress lines."""
-    from bids_app.registration.base import ENGINES, get_preset
+    from bids_app.registration.registry import ENGINES, get_preset
 
     grid = get_preset(settings.engine, settings.preset).grid_mm
     return f"{ENGINES[settings.engine].short}, {grid:g} mm grid"
@@ -552,7 +554,7 @@ def _run_t1w(
 def _write_report(subject: str, settings: Settings) -> None:
     """QC, figures and the HTML report, from what is on disk; their failure never fails a T1w."""
     try:
-        from bids_app.report import write_participant_report
+        from bids_app.reports.participant import write_participant_report
 
         write_participant_report(settings.output_dir, subject)
     except Exception as err:

@@ -19,9 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bids_app import __version__, qc
-from bids_app import derivatives as drv
-from bids_app.registration.base import ENGINES, get_preset
+from bids_app import __version__
+from bids_app.outputs import derivatives as drv
+from bids_app.registration.registry import ENGINES, get_preset
+from bids_app.reports import qc
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bids_app import __version__, qc
-from bids_app import derivatives as drv
-from bids_app.methods import methods_text, recorded_registration
+from bids_app import __version__
+from bids_app.outputs import derivatives as drv
+from bids_app.reports import qc
+from bids_app.reports.methods import methods_text, recorded_registration
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def rebuild_reports(output_dir: Path, participant_labels: tuple[str, ...] = ()) 
 
     Returns the participants whose report could not be built (each is logged).
     """
-    from bids_app.discovery import strip_prefix
     from bids_app.errors import NothingMatchedError
+    from bids_app.participant.discovery import strip_prefix
 
     available = qc.subjects_on_disk(output_dir)
     wanted = [strip_prefix(label, "sub-") for label in participant_labels] or available
@@ -146,7 +147,7 @@ def cached_templates(fetch_template: Callable) -> Callable:
 def _draw_figures(output_dir: Path, result: qc.T1wQC, fetch_template) -> _Figures:
     import nibabel as nib
 
-    from bids_app import figures
+    from bids_app.reports import figures
 
     record, t1w = result.record, result.record.t1w
     if not record.ok:

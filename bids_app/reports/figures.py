@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import derivatives as drv
+from bids_app.outputs import derivatives as drv
 
 VIEWS = ("sagittal", "coronal", "axial")  # the fixed axis is x, y, z of a RAS array
 N_SLICES = 7
