@@ -41,7 +41,7 @@ GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
 TESTS = Path(__file__).parent
 # Participants that are copies of conftest's sub-02 (a head) or sub-01 (a brain): their poses
 POSES = {"sub-02": DATASET_POSES["sub-02"], "sub-09": DATASET_POSES["sub-02"],
-         "sub-11": DATASET_POSES["sub-01"]}  # fmt: skip
+         "sub-11": DATASET_POSES["sub-01"], "sub-12": DATASET_POSES["sub-02"]}  # fmt: skip
 
 
 def _engines() -> FakeEngines:
@@ -435,11 +435,14 @@ def test_two_jobs_into_one_output_folder_both_finish_whole(bids, tmp_path):
 @pytest.mark.slow
 def test_sigterm_stops_the_run_cleanly_and_a_rerun_completes_it(bids, tmp_path):
     """SIGTERM to the command only (``docker stop``, ``kill PID``): it ends its participants'
-    processes, starts no other, removes its temporary folder and exits 130; a re-run finishes."""
+    processes, starts no other, removes its temporary folder and exits 130; a re-run finishes.
+    Three participants, two threads, memory for one: one runs, one waits for memory, one waits
+    for a thread (a real run with more participants than threads once hung there)."""
     _copy_good(bids, "09")
+    _copy_good(bids, "12")
     (tmp_path / "tmp").mkdir()
     out, log = tmp_path / "out", tmp_path / "job.txt"
-    job = _start_job(bids, out, tmp_path, "--mem-mb", "2000", log=log)  # one at a time
+    job = _start_job(bids, out, tmp_path, "--mem-mb", "2000", log=log)
     deadline = time.monotonic() + 300
     while "started: sub-" not in log.read_text():
         assert job.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -448,7 +451,8 @@ def test_sigterm_stops_the_run_cleanly_and_a_rerun_completes_it(bids, tmp_path):
     assert job.wait(timeout=120) == ExitCode.INTERRUPTED
     console = log.read_text()
     assert "interrupted" in console and "Traceback" not in console
-    assert "2/2 participants done" not in console
+    assert "sub-09/anat/sub-09_T1w.nii.gz failed: not started: the run was interrupted" in console
+    assert "sub-12 [3/3] started" not in console and "3/3 participants done" not in console
     _assert_nothing_half_written(out)
     assert not list((tmp_path / "tmp").iterdir())  # the temporary work folder is gone
     settled = _files(out)
@@ -458,5 +462,5 @@ def test_sigterm_stops_the_run_cleanly_and_a_rerun_completes_it(bids, tmp_path):
     code, console = _run(bids, out, "--in-process")
     assert code == ExitCode.OK, console
     _assert_nothing_half_written(out)
-    for subject in ("02", "09"):
+    for subject in ("02", "09", "12"):
         _assert_good_participant_complete(out, subject)

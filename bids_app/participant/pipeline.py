@@ -707,11 +707,12 @@ def _run_within_budget(reservation, stop: threading.Event, subject, t1ws, *args)
 def _end_children(futures) -> None:
     """Terminate the participants' processes until every thread that starts them is done (one
     may be starting a process while this runs)."""
-    pending = list(futures)
-    while pending:
+    running = [future for future in futures if not future.done()]  # done: cancelled ones too
+    while running:
         for child in multiprocessing.active_children():
             child.terminate()
-        pending = list(wait(pending, timeout=0.5).not_done)
+        wait(running, timeout=0.5)
+        running = [future for future in running if not future.done()]
 
 
 def _run_in_child(
