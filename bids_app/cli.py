@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from bids_app.settings import (
 
 log = logging.getLogger("bids_app")
 
+# What Ctrl-C or SIGTERM ends the participant level with (exit code 130)
+INTERRUPTED = "interrupted: the participants not finished have no complete outputs; run again"
 THREAD_VARIABLES = (
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
     "OMP_NUM_THREADS",
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             "input; 17 unknown analysis level; 18 labels or filters matched nothing; 64 usage "
             "error; 65 --group-by gave no group comparison (the other group outputs are written); "
             "66 missing input (group level: no participant results in output_dir); 69 template "
-            "unavailable offline; 130 interrupted."
+            "unavailable offline; 130 interrupted (Ctrl-C or SIGTERM)."
         ),
     )
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -143,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for one participant (default: --nthreads, up to 8); participants run in "
         "parallel when --nthreads allows more than one",
     )  # fmt: skip
+    run.add_argument(
+        "--mem-mb", "--mem_mb", type=int, metavar="MB",
+        help="memory (MiB) the participants running at once may use together, as fMRIPrep's "
+        "--mem: fewer run at once if their estimated peaks would exceed it, and a participant "
+        "that alone would exceed it fails with that reason instead of being killed (default: "
+        "no limit; the threads decide)",
+    )  # fmt: skip
 
     group = parser.add_argument_group("group level")
     group.add_argument(
@@ -178,6 +189,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         raise _UnknownLevel(args.analysis_level)
     if args.nthreads < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nthreads and --omp-nthreads must be at least 1")
+    if args.mem_mb is not None and args.mem_mb < 1:
+        raise UsageError(f"--mem-mb must be at least 1 (MiB), not {args.mem_mb}")
     if args.random_seed < 0:
         raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
     if args.analysis_level != "group" or args.bids_dir.exists():
@@ -209,6 +222,7 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         brain_template_required=args.brain_template is not None,
         fallback=not args.no_fallback,
         in_process=args.in_process,
+        mem_mb=args.mem_mb,
         reports_only=args.reports_only,
         group_by=args.group_by if group_level else None,
         engines=engines,
@@ -229,8 +243,10 @@ def main(argv: list[str] | None = None, *, engines: EngineFactory = get_engine) 
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
-    with console_logging(verbosity):
-        return run_command(lambda: _run(args, run, verbosity, engines), debug=args.debug)
+    with console_logging(verbosity), _sigterm_interrupts():
+        return run_command(
+            lambda: _run(args, run, verbosity, engines), debug=args.debug, interrupted=INTERRUPTED
+        )
 
 
 def _run(
@@ -243,6 +259,25 @@ def _run(
     if settings.reports_only:
         return run_reports_only(settings)
     return run_participant_level(settings, run, verbosity)
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's or ``docker stop``'s) as Ctrl-C: the run stops its participants'
+    processes and removes its temporary folder instead of dying on the spot. Only where a signal
+    handler may be set (the main thread: tests call ``main`` from others)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
@@ -260,8 +295,14 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     for subject in selection.subjects_without_t1w:
         log.error("sub-%s: no T1w image found (anat/*_T1w.nii[.gz]); skipped", subject)
     templates = resolve_templates(settings)
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
-    derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    except OSError as err:  # not writable, not a folder, disk full: before any participant
+        raise MninormError(
+            f"cannot write in output_dir {settings.output_dir} ({err}); choose a folder you can "
+            "write to, or fix its permissions or free space, then run again"
+        ) from err
     count = sum(len(t1ws) for t1ws in selection.t1w_by_subject.values())
     log.info(
         "%d T1w image(s) of %d participant(s); spaces: %s; preset %s; %d thread(s) each",

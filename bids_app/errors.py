@@ -63,3 +63,7 @@ class RegistrationError(MninormError):
 class RunRecordError(MninormError):
     """A run record (``sub-X/log/*_desc-mninorm_run.json``) that cannot be read as one: not JSON,
     or without a key every record has. Reports and the group level skip its T1w with a warning."""
+
+
+class MemoryBudgetError(MninormError):
+    """A participant alone needs more memory than ``--mem-mb`` allows: it is not started."""

@@ -105,6 +105,7 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    mem_mb: int | None = None  # --mem-mb: the memory all running participants share (MiB)
     reports_only: bool = False  # participant level: rebuild the reports from output_dir only
     group_by: str | None = None  # group level: the participants.tsv column to compare groups by
     # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real

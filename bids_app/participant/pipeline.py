@@ -7,9 +7,12 @@ crash must not take the others down); one T1w's failure never stops the other T1
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from logging.handlers import QueueListener
 from multiprocessing import get_context
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_app import logs, progress
-from bids_app.errors import BrainExtractionError, MninormError
+from bids_app.errors import BrainExtractionError, MemoryBudgetError, MninormError
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.provenance import RunInfo, utc_now
 from bids_app.outputs.record import (
@@ -547,18 +550,19 @@ def _registration_words(settings: Settings) -> str:
 
 def run_participant(
     subject: str, t1ws: tuple[T1wInput, ...], settings: Settings, templates, work_dir: Path,
-    run: RunInfo, verbosity: logs.Verbosity,
+    run: RunInfo, verbosity: logs.Verbosity, refusal: str | None = None,
 ) -> list[T1wOutcome]:  # fmt: skip
     """Every T1w of one participant; a failing T1w is reported and the next one still runs.
 
-    What is said while a T1w runs, and what compiled code prints, goes to its log file.
+    What is said while a T1w runs, and what compiled code prints, goes to its log file. With a
+    ``refusal`` (the memory plan's), each T1w fails with it, unprocessed, as any failure is told.
     """
     start = time.perf_counter()
     outcomes = []
     for t1w in t1ws:
         log_path = drv.t1w_log_path(settings.output_dir, t1w)
         with logs.t1w_log(log_path, drv.source_prefix(t1w), verbosity):
-            outcomes.append(_run_t1w(t1w, settings, templates, work_dir, run))
+            outcomes.append(_run_t1w(t1w, settings, templates, work_dir, run, refusal))
     _write_report(subject, settings)
     ok = sum(outcome.ok for outcome in outcomes)
     event = progress.ParticipantEnded(subject, ok, len(outcomes) - ok, time.perf_counter() - start)
@@ -566,7 +570,10 @@ def run_participant(
     return outcomes
 
 
-def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: RunInfo):
+def _run_t1w(
+    t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: RunInfo,
+    refusal: str | None = None,
+):  # fmt: skip
     prefix = drv.source_prefix(t1w)
     started = utc_now()
     start = time.perf_counter()
@@ -576,9 +583,19 @@ def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: 
     )  # fmt: skip
     learnt: dict = {}
     try:
+        if refusal is not None:
+            raise MemoryBudgetError(refusal)
         outcome = process_t1w(t1w, settings, templates, work_dir, learnt)
     except MninormError as err:
         outcome = _failure(t1w, str(err), start)
+    except OSError as err:  # a full disk, a folder made read-only: the writes are atomic
+        log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
+        outcome = _failure(
+            t1w,
+            f"{type(err).__name__}: {err}; make room or fix the permissions, then run this "
+            "participant again (no output was left half-written)",
+            start,
+        )
     except Exception as err:  # anything else: still isolate it, and keep the traceback
         # INFO: the T1w's log file keeps it; the console shows it with -v.
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
@@ -653,9 +670,17 @@ def run_participants(
     """All participants, ``settings.parallel_participants`` at a time, each in its own process
     (with ``settings.in_process``, one after the other in this one).
 
+    With ``settings.mem_mb``, a participant starts only while the memory estimates of those
+    running and its own fit in it (``memory``), and one that alone needs more is not started: it
+    fails with that reason (first, here).
     Progress is announced as log records (``progress``): the run's start and end here, the rest
     by the participants; a participant's process sends its records here through a queue.
     """
+    plan, refusals = None, {}
+    if settings.mem_mb is not None:
+        plan = plan_memory(by_subject, settings, templates)
+        log.info("%s", plan.describe())
+        refusals = {subject: plan.refusal(subject) for subject in plan.too_large}
     parallel = 1 if settings.in_process else settings.parallel_participants
     start = progress.RunStarted(
         tuple(by_subject), tuple(len(t1ws) for t1ws in by_subject.values()), settings.templates,
@@ -663,35 +688,94 @@ def run_participants(
     )  # fmt: skip
     progress.announce(log, start, "%d participant(s), %d at a time", len(by_subject), parallel)
     try:
+        outcomes = {}
+        for subject, reason in refusals.items():  # in this process, before any child starts
+            outcomes[subject] = run_participant(
+                subject, by_subject[subject], settings, templates, work_dir, run, verbosity, reason
+            )
+        runnable = {sub: t1ws for sub, t1ws in by_subject.items() if sub not in refusals}
         if settings.in_process:
-            return [
-                outcome
-                for subject, t1ws in by_subject.items()
-                for outcome in run_participant(
+            for subject, t1ws in runnable.items():
+                outcomes[subject] = run_participant(
                     subject, t1ws, settings, templates, work_dir, run, verbosity
                 )
-            ]
-        return _run_in_children(by_subject, settings, templates, work_dir, run, verbosity)
+        elif runnable:
+            outcomes.update(
+                _run_in_children(runnable, settings, templates, work_dir, run, verbosity, plan)
+            )
+        return [outcome for subject in by_subject for outcome in outcomes[subject]]
     finally:
         progress.announce(log, progress.RunEnded(), "every participant ran")
 
 
-def _run_in_children(by_subject, settings, templates, work_dir, run, verbosity):
+def plan_memory(by_subject: dict, settings: Settings, templates: Templates):
+    """Each participant's memory estimate against ``settings.mem_mb`` (``memory.MemoryPlan``)."""
+    from bids_app.memory import MemoryPlan, participant_estimate_mib, template_voxels
+
+    grids = {template_set.registration.t1w_path for template_set in templates.spaces.values()}
+    grids |= {t.t1w_path for s in templates.spaces.values() for t in s.outputs.values()}
+    if templates.brain is not None:
+        grids.add(templates.brain.t1w_path)
+    voxels = template_voxels(grids)
+    estimates = {
+        subject: participant_estimate_mib([t1w.path for t1w in t1ws], voxels)
+        for subject, t1ws in by_subject.items()
+    }
+    slots = 1 if settings.in_process else settings.parallel_participants
+    return MemoryPlan(settings.mem_mb, estimates, slots)
+
+
+def _run_in_children(
+    by_subject, settings, templates, work_dir, run, verbosity, plan=None
+) -> dict:  # fmt: skip
+    from bids_app.memory import MemoryBudget
+
     queue = get_context("spawn").Queue()
     listener = QueueListener(queue, logs.Relay())
     listener.start()
+    budget = MemoryBudget(plan.budget_mib) if plan is not None else None
+    stop = threading.Event()
+    threads = ThreadPoolExecutor(settings.parallel_participants)
+    futures = {}
     try:
         shared = (settings, templates, work_dir, run, verbosity, queue)
-        with ThreadPoolExecutor(settings.parallel_participants) as threads:
-            futures = [
-                threads.submit(_run_in_child, subject, t1ws, *shared)
-                for subject, t1ws in by_subject.items()
-            ]
-            return [outcome for future in futures for outcome in future.result()]
+        for subject, t1ws in by_subject.items():
+            memory = budget.reserve(plan.estimates_mib[subject]) if budget else nullcontext()
+            futures[subject] = threads.submit(
+                _run_within_budget, memory, stop, subject, t1ws, *shared
+            )
+        return {subject: future.result() for subject, future in futures.items()}
+    except BaseException:  # Ctrl-C, SIGTERM (cli): no new participant, and end the running ones
+        stop.set()
+        threads.shutdown(wait=False, cancel_futures=True)
+        _end_children(futures.values())
+        raise
     finally:
+        threads.shutdown(wait=True)
         listener.stop()  # after the records still in the queue
         queue.close()
         queue.join_thread()
+
+
+def _run_within_budget(reservation, stop: threading.Event, subject, t1ws, *args):
+    """Start the participant's process once its memory is reserved (``memory.MemoryBudget``),
+    unless the run is being stopped meanwhile."""
+    with reservation:
+        if stop.is_set():
+            start = time.perf_counter()
+            return [_failure(t1w, "not started: the run was interrupted", start) for t1w in t1ws]
+        return _run_in_child(subject, t1ws, *args)
+
+
+def _end_children(futures) -> None:
+    """Terminate the participants' processes until every thread that starts them is done (one
+    may be starting a process while this runs)."""
+    running = [future for future in futures if not future.done()]  # done: cancelled ones too
+    while running:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        wait(running, timeout=0.5)
+        running = [future for future in running if not future.done()]
 
 
 def _run_in_child(
@@ -707,7 +791,13 @@ def _run_in_child(
                 _participant_in_child, subject, t1ws, settings, templates, work_dir, run, verbosity
             ).result()
         except Exception as err:  # the process died (memory, segfault): report, go on
-            message = f"the participant's process died ({type(err).__name__}: {err})"
+            message = (
+                f"the participant's process died ({type(err).__name__}: {err}); if the system "
+                "ran out of memory, run fewer participants at once (--mem-mb) or give it more"
+            )
+            # A process killed while writing leaves the temporary file of that write behind.
+            for path in drv.remove_partial_files(settings.output_dir / f"sub-{subject}"):
+                log.info("sub-%s: removed %s, left half-written by the process", subject, path)
             outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
             event = progress.ParticipantEnded(subject, 0, len(t1ws), 0.0)
             progress.announce(log, event, "sub-%s: the participant's process died", subject)
