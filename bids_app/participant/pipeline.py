@@ -84,19 +84,21 @@ def _resolve_brain_template(settings: Settings) -> Template | None:
 
 
 def _resolve_spaces(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]:
+    """Per template (and cohort): the registration grid, and the grid of each output space
+    (None in the space: the registration grid)."""
     from bids_app.templates import fetch_template
 
     sets: dict[str, TemplateSet] = {}
     for space in spaces:
-        if space.template not in sets:
-            sets[space.template] = TemplateSet(
-                space.template, fetch_template(space.template, 1), {}
-            )
-        template_set = sets[space.template]
+        if space.key not in sets:
+            registration = space.find_registration_grid(fetch_template)
+            sets[space.key] = TemplateSet(space.key, registration, {})
+        template_set = sets[space.key]
+        registration = template_set.registration
         template_set.outputs[space] = (
-            template_set.registration  # res-1 is the registration grid: found already
-            if space.grid_resolution == 1
-            else fetch_template(space.template, space.grid_resolution)
+            registration  # found already
+            if space.resolution in (None, registration.resolution)
+            else space.find_grid(fetch_template)
         )
     return sets
 
@@ -327,7 +329,9 @@ def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, 
             dtype = np.uint8 if kind == "mask" else np.float32
             drv.write_nifti(ants_to_nifti(image, dtype=dtype), path)
             drv.write_json(
-                _space_sidecar(kind, space, template, provenance, forward, out),
+                _space_sidecar(
+                    kind, space, template, provenance, forward, out, template_set.registration
+                ),
                 drv.sidecar_path(path),
             )
             written.append(path)
@@ -356,27 +360,18 @@ _SPACE_DESCRIPTIONS = {
 }
 
 
-def _space_sidecar(kind, space, template, provenance, forward, out) -> dict:
+def _space_sidecar(kind, space, template, provenance, forward, out, registration_grid) -> dict:
     sidecar = {
         "SkullStripped": provenance["SkullStripped"] if kind == "t1w" else None,
         "Sources": [drv.derivative_uri(out, forward)],
         "RawSources": provenance["Sources"],
         "SpatialReference": _templateflow_uri(template),
-        "Template": {
-            "Identifier": template.name,
-            "Name": template.full_name,
-            "ResolutionIndex": template.resolution,
-            "VoxelSizeMM": list(template.zooms_mm),
-            "TemplateFlowVersion": template.metadata_version,
-        },
+        "Template": _template_entry(template, registration_grid),
         "Registration": provenance["Registration"],
         "Software": provenance["Software"],
     }
-    if space.resolution is not None:
-        sidecar["Resolution"] = (
-            f"TemplateFlow res-{space.resolution:02d} grid of {template.name}: "
-            f"{'x'.join(f'{z:g}' for z in template.zooms_mm)} mm voxels"
-        )
+    if space.resolution is not None or template.resolution != 1:
+        sidecar["Resolution"] = _resolution_text(space, template)
     sidecar["Description"] = _SPACE_DESCRIPTIONS[kind]
     if kind.startswith("logjac"):
         sidecar["Units"] = "log(volume ratio)"
@@ -385,8 +380,42 @@ def _space_sidecar(kind, space, template, provenance, forward, out) -> dict:
     return {k: v for k, v in sidecar.items() if v is not None}
 
 
+def _template_entry(template: Template, registration_grid: Template) -> dict:
+    entry = {
+        "Identifier": template.name,
+        "Name": template.full_name,
+        "Cohort": template.cohort,
+        "Folder": str(template.t1w_path.parent) if template.custom else None,
+        "ResolutionIndex": template.resolution,
+        "VoxelSizeMM": list(template.zooms_mm),
+        "TemplateFlowVersion": template.metadata_version,
+        # the grid the registration ran on, when it is not res-1 (a template without res-1 here)
+        "RegistrationGrid": None
+        if registration_grid.resolution == 1
+        else f"{registration_grid.grid_label} "
+        f"({'x'.join(f'{z:g}' for z in registration_grid.zooms_mm)} mm)",
+    }
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _resolution_text(space: OutputSpace, template: Template) -> str:
+    """Which grid of the template the outputs are on, said whenever it is not res-1."""
+    voxels = f"{'x'.join(f'{z:g}' for z in template.zooms_mm)} mm voxels"
+    source = "custom template" if template.custom else "TemplateFlow"
+    if template.resolution is None:
+        return f"the single grid of {source} {template.name} (no res- entity): {voxels}"
+    text = f"{source} res-{template.resolution:02d} grid of {template.name}: {voxels}"
+    if space.resolution is None:
+        text += " (the finest grid available: res-01 was not)"
+    return text
+
+
 def _templateflow_uri(template: Template) -> str:
-    return f"https://templateflow.s3.amazonaws.com/tpl-{template.name}/{template.t1w_path.name}"
+    """SpatialReference: TemplateFlow's address of the grid, or a custom template's file."""
+    if template.custom:
+        return template.t1w_path.resolve().as_uri()
+    folder = f"tpl-{template.name}/" + (f"cohort-{template.cohort}/" if template.cohort else "")
+    return f"https://templateflow.s3.amazonaws.com/{folder}{template.t1w_path.name}"
 
 
 def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:

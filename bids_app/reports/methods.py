@@ -256,21 +256,35 @@ def _outputs_sentence(sidecars: dict) -> str:
 
 def _templates(records: list[qc.RunRecord], fetch_template) -> tuple[list[str], list[str]]:
     """How the text names each template, and the template references."""
-    names = list(dict.fromkeys(t for r in records for t in qc.spaces_by_template(r)))
+    spaces = {
+        key: spaces[0] for r in records for key, spaces in qc.spaces_by_template(r).items()
+    }
     texts, references = [], []
-    for name in names:
+    for name, space in spaces.items():
         try:
-            template = fetch_template(name, 1)
+            template = space.find_registration_grid(fetch_template)
         except Exception:  # noqa: BLE001 - metadata decorates the text; its absence must not stop it
             texts.append(f"{name} (TemplateFlow identifier `{name}`)")
             references.append(_unlisted_template(name, name))  # its metadata could not be read
             continue
-        texts.append(
-            f"the {template.full_name} template (TemplateFlow identifier `{name}`, "
-            f"TemplateFlow version {template.metadata_version})"
-        )
+        texts.append(_template_text(name, template))
         references += template_references(template)
     return texts, references
+
+
+def _template_text(name: str, template) -> str:
+    if template.custom:
+        text = f"the {template.full_name} template (a custom template, `{name}`"
+    else:
+        cohort = f", cohort {template.cohort}" if template.cohort else ""
+        text = (
+            f"the {template.full_name} template (TemplateFlow identifier `{template.name}`"
+            f"{cohort}, TemplateFlow version {template.metadata_version}"
+        )
+    if template.resolution != 1:  # the registration grid is said when it is not res-1
+        grid = "x".join(f"{z:g}" for z in template.zooms_mm)
+        text += f"; registered on {template.grid_label}, {grid} mm"
+    return text + ")"
 
 
 def template_references(template) -> list[str]:
