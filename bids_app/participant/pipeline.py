@@ -385,6 +385,7 @@ def _template_entry(template: Template, registration_grid: Template) -> dict:
         "Identifier": template.name,
         "Name": template.full_name,
         "Cohort": template.cohort,
+        "Custom": template.custom or None,  # not TemplateFlow's: a folder in its layout
         "Folder": str(template.t1w_path.parent) if template.custom else None,
         "ResolutionIndex": template.resolution,
         "VoxelSizeMM": list(template.zooms_mm),
