@@ -380,3 +380,47 @@ def _transform_points(home, out, source, target, from_space, to_space) -> np.nda
     mapped = table.filter(regex="^[xyz]_").to_numpy()[0]
     pd.DataFrame([mapped], columns=["x", "y", "z"]).to_csv(target, sep="\t", index=False)
     return mapped
+
+
+# ---- the offline stand-ins in ../shared/data/templateflow ---------------------------------------
+
+
+@pytest.mark.shared
+def test_shared_templates_as_templateflow_stores_them(shared_data):
+    """MNIColin27 and MNI305 without res-, MNI152Lin with only res-02 (issue 17: all three
+    stopped with exit 69 asking for res-01 files that do not exist)."""
+    queries = {
+        "colin": ("MNIColin27",),
+        "mni305": ("MNI305",),
+        "lin": ("MNI152Lin",),
+        "lin_res2": ("MNI152Lin", 2),
+    }
+    result = _in_home(shared_data / "templateflow", f"QUERIES = {queries!r}\n{_FETCH_ALL}")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["colin"][1] is None and found["colin"][4] == "tpl-MNIColin27_T1w.nii.gz"
+    assert found["mni305"][1] is None and found["mni305"][6] == [2.0, 2.0, 2.0]
+    assert found["lin"][1] == 2 and found["lin_res2"][4] == "tpl-MNI152Lin_res-02_T1w.nii.gz"
+    for key in queries:  # each a real image pair on one grid
+        folder = shared_data / "templateflow" / f"tpl-{found[key][0]}"
+        t1w, mask = nib.load(folder / found[key][4]), nib.load(folder / found[key][5])
+        assert t1w.shape == mask.shape and np.allclose(t1w.affine, mask.affine, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_a_real_head_on_the_shared_templates(shared_data, tmp_path):
+    """heads sub-01 (2 mm whole head) on the three spaces issue 17 found unusable, real engine."""
+    out = tmp_path / "out"
+    code = (
+        "import sys\nfrom bids_app.cli import main\n"
+        f"sys.exit(main([{str(shared_data / 'heads')!r}, {str(out)!r}, 'participant', "
+        "'--participant-label', '01', '--output-spaces', 'MNIColin27', 'MNI305', "
+        "'MNI152Lin:res-2', '--preset', 'fast', '--skip-bids-validation', '--nthreads', '2', "
+        "'--omp-nthreads', '2']))"
+    )
+    result = _in_home(shared_data / "templateflow", code, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    anat = out / "sub-01" / "anat"
+    for label in ("MNIColin27", "MNI305", "MNI152Lin_res-2"):
+        assert list(anat.glob(f"sub-01*_space-{label}_desc-preproc_T1w.nii.gz")), label
