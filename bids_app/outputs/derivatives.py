@@ -34,6 +34,7 @@ SPACE_OUTPUTS = {
     "mask": "space-{space}_desc-brain_mask.nii.gz",
     "logjac_nonlinear": "space-{space}_desc-nonlinear_logjacobian.nii.gz",
     "logjac_total": "space-{space}_desc-total_logjacobian.nii.gz",
+    "lesion": "space-{space}_label-lesion_roi.nii.gz",  # only for a T1w with a lesion mask
 }
 TRANSFORM_OUTPUTS = {
     "t1w2std_xfm": "from-T1w_to-{template}_mode-image_xfm.h5",

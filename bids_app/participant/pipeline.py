@@ -119,6 +119,7 @@ def process_t1w(
     from bids_app.participant.bias import correct_bias
     from bids_app.participant.brain import looks_skull_stripped, mask_from_nonzero
     from bids_app.participant.images import load_t1w, nifti_to_ants
+    from bids_app.participant.lesion import fixed_without_lesion, without_lesion
 
     timer = _StepTimer(record.setdefault("StepSeconds", {}), t1w, settings)
     engine = settings.engines(settings.engine, settings.omp_nthreads)
@@ -130,6 +131,8 @@ def process_t1w(
         nifti, header = load_t1w(t1w.path)
         t1w_img = nifti_to_ants(nifti)
     stripped_input = _skull_stripped_input(settings.skull_strip, nifti, looks_skull_stripped)
+    lesion = _load_lesion(t1w, nifti, record)
+    lesion_img = None if lesion is None else nifti_to_ants(lesion.img)
     record.update(
         SourceOrientation=header.source_orientation,
         SourceShape=list(header.source_shape),
@@ -161,7 +164,9 @@ def process_t1w(
         with timer("bias"):
             preproc = correct_bias(t1w_img)
         with timer("brain_mask"):
-            extraction = _extract_brain(preproc, settings, templates, template_images, work)
+            extraction = _extract_brain(
+                preproc, settings, templates, template_images, work, lesion_img
+            )
         record["BrainExtraction"] = {
             "Fallback": settings.fallback,
             "KeptAttempt": extraction.kept,
@@ -174,8 +179,13 @@ def process_t1w(
                 "image in the report, or give a skull-stripped T1w with --skull-strip skip"
             )
     mask = extraction.mask_img
+    if lesion_img is not None:  # the lesion is brain: kept inside the mask whatever extraction did
+        kept = np.maximum(mask.numpy(), lesion_img.numpy() > 0).astype(np.float32)
+        mask = mask.new_image_like(kept)
 
     provenance = _provenance(t1w, settings, header, extraction)
+    if lesion is not None:
+        provenance["LesionMask"] = lesion.as_record()
     outputs = _write_native(t1w, settings, preproc, mask, provenance, record)
 
     brain = preproc * mask
@@ -190,26 +200,35 @@ def process_t1w(
                 if extraction.template == name
                 else write_start(fixed_brain, fixed_mask, brain, work / f"{name}_start.h5")
             )
+            metric_fixed_mask = ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX)
+            metric_moving_mask = moving_mask
+            if lesion_img is not None:  # cost-function masking (participant/lesion.py)
+                metric_fixed_mask = fixed_without_lesion(
+                    fixed_brain, metric_fixed_mask, lesion_img, initial_xfm
+                )
+                metric_moving_mask = without_lesion(moving_mask, lesion_img)
             result = engine.register(
                 fixed_brain,
                 brain,
                 preset=settings.preset,
                 out_prefix=work / f"{name}_",
                 seed=settings.random_seed,
-                fixed_mask=ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX),
-                moving_mask=moving_mask,
+                fixed_mask=metric_fixed_mask,
+                moving_mask=metric_moving_mask,
                 initial_xfm=initial_xfm,
             )
         with timer(f"outputs_{name}"):
             outputs += _write_template_outputs(
-                t1w, settings, template_set, result, preproc, mask, provenance
+                t1w, settings, template_set, result, preproc, mask, provenance, lesion_img
             )
     seconds = timer.total()
     log.info("sub-%s: %s done in %.0f s", t1w.subject, t1w.relpath, seconds)
     return T1wOutcome(t1w.relpath, t1w.subject, True, "", tuple(outputs), seconds)
 
 
-def _extract_brain(preproc, settings: Settings, templates: Templates, template_images, work: Path):
+def _extract_brain(
+    preproc, settings: Settings, templates: Templates, template_images, work: Path, lesion_img=None
+):
     """Brain extraction with its fallback plan: the extraction template first, then the first
     output template's head, then the other engine."""
     from bids_app.participant.brain import BrainTemplate, extract_brain, extraction_plans
@@ -235,7 +254,25 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
         settings.engines(name, settings.omp_nthreads) for name in ENGINES if name != settings.engine
     ]
     plans = extraction_plans(candidates, engines, settings.fallback)
-    return extract_brain(preproc, plans, work / "brain_", settings.random_seed)
+    return extract_brain(preproc, plans, work / "brain_", settings.random_seed, lesion_img)
+
+
+def _load_lesion(t1w: T1wInput, nifti, record: dict):
+    """The T1w's lesion mask (label-lesion_roi in its folder) on its grid, or None."""
+    from bids_app.participant.lesion import find_lesion, load_lesion
+
+    path = find_lesion(t1w.path, {**t1w.entities, "subject": t1w.subject})
+    if path is None:
+        return None
+    relpath = (Path(t1w.relpath).parent / path.name).as_posix()
+    lesion = load_lesion(path, relpath, nifti)
+    record["LesionMask"] = lesion.as_record()
+    log.info(
+        "sub-%s: lesion mask %s (%.1f ml%s): left out of the registration metrics",
+        t1w.subject, path.name, lesion.volume_ml, ", resampled onto the T1w grid"
+        if lesion.resampled else "",
+    )  # fmt: skip
+    return lesion
 
 
 def _ants_read(path: Path):
@@ -281,7 +318,9 @@ def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> lis
     return [t1w_path, mask_path]
 
 
-def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, provenance):
+def _write_template_outputs(
+    t1w, settings, template_set, result, preproc, mask, provenance, lesion_img=None
+):
     import ants
 
     from bids_app.participant.images import ants_to_nifti, nifti_to_ants
@@ -324,9 +363,16 @@ def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, 
         }  # fmt: skip
         for kind, image in logjac.items():
             images[kind] = ants.resample_image_to_target(image, grid, interp_type="linear")
+        if lesion_img is not None:
+            images["lesion"] = ants.threshold_image(
+                ants.apply_transforms(
+                    grid, lesion_img, [str(result.forward_xfm)], interpolator="linear"
+                ),
+                0.5, 1e9, 1, 0,
+            )  # fmt: skip
         for kind, image in images.items():
             path = drv.space_path(out, t1w, kind, space)
-            dtype = np.uint8 if kind == "mask" else np.float32
+            dtype = np.uint8 if kind in ("mask", "lesion") else np.float32
             drv.write_nifti(ants_to_nifti(image, dtype=dtype), path)
             drv.write_json(
                 _space_sidecar(
@@ -347,6 +393,8 @@ _SPACE_DESCRIPTIONS = {
     "from-T1w_to-<template> transform in Sources.",
     "mask": "The native brain mask (desc-brain_mask) resampled onto the template grid with the "
     "from-T1w_to-<template> transform in Sources.",
+    "lesion": "The lesion mask (label-lesion_roi next to the T1w) resampled onto the template grid "
+    "with the from-T1w_to-<template> transform in Sources (linear, thresholded at 0.5).",
     "logjac_nonlinear": (
         "Natural log of the Jacobian determinant of the nonlinear (SyN) part of the "
         "template-to-T1w mapping, in template space: > 0 where the participant's tissue is larger "
@@ -368,6 +416,7 @@ def _space_sidecar(kind, space, template, provenance, forward, out, registration
         "SpatialReference": _templateflow_uri(template),
         "Template": _template_entry(template, registration_grid),
         "Registration": provenance["Registration"],
+        "LesionMask": provenance.get("LesionMask"),
         "Software": provenance["Software"],
     }
     if space.resolution is not None or template.resolution != 1:
@@ -377,6 +426,8 @@ def _space_sidecar(kind, space, template, provenance, forward, out, registration
         sidecar["Units"] = "log(volume ratio)"
     if kind == "mask":
         sidecar["Type"] = "Brain"
+    if kind == "lesion":
+        sidecar["Type"] = "Lesion"
     return {k: v for k, v in sidecar.items() if v is not None}
 
 

@@ -154,6 +154,7 @@ def methods_text(output_dir: Path, records: list[qc.RunRecord], fetch_template) 
         "The bias-corrected T1w, masked by its brain mask, was registered to the brain (T1w "
         f"masked by its brain mask) of {_join(template_texts)} [Template]. "
         + _registration_sentences(registrations)
+        + _lesion_sentence(ok)
         + _seed_sentence(ok)
     )
     outputs = _outputs_sentence(sidecars) + (
@@ -270,6 +271,20 @@ def _templates(records: list[qc.RunRecord], fetch_template) -> tuple[list[str], 
         texts.append(_template_text(name, template))
         references += template_references(template)
     return texts, references
+
+
+def _lesion_sentence(records: list[qc.RunRecord]) -> str:
+    """Cost-function masking, said when any T1w had a lesion mask."""
+    with_lesion = [r for r in records if r.content.get("LesionMask")]
+    if not with_lesion:
+        return ""
+    which = "The" if len(with_lesion) == len(records) else f"For {len(with_lesion)} image(s), the"
+    return (
+        f"{which} lesion mask given with the T1w (label-lesion_roi) was left out of the "
+        "similarity metric of brain extraction and of every registration stage (cost-function "
+        "masking; in template space, the lesion carried there by the starting transform and "
+        "dilated by 2 voxels), and kept inside the brain mask. "
+    )
 
 
 def _template_text(name: str, template) -> str:
