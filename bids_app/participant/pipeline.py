@@ -72,7 +72,7 @@ def _resolve_brain_template(settings: Settings) -> Template | None:
     if settings.skull_strip == "skip" or settings.brain_template in settings.templates:
         return None
     try:
-        return fetch_template(settings.brain_template, 1)
+        return fetch_template(settings.brain_template)  # its registration grid
     except TemplateUnavailableError as err:
         if settings.brain_template_required:
             raise
