@@ -46,12 +46,10 @@ class Template:
 
     @property
     def grid_label(self) -> str:
-        """'res-02', or 'single grid' when the files have no res- entity."""
-        return (
-            "its single grid (no res- entity)"
-            if self.resolution is None
-            else (f"res-{self.resolution:02d}")
-        )
+        """'res-02', or 'its single grid' when the files have no res- entity."""
+        if self.resolution is None:
+            return "its single grid (no res- entity)"
+        return f"res-{self.resolution:02d}"
 
 
 def fetch_template(
@@ -65,7 +63,12 @@ def fetch_template(
     ``folder`` is a custom template's ``tpl-<Name>`` folder. Without it, a name TemplateFlow knows
     is found (or downloaded, when online) through its client; any other name must be a folder
     ``tpl-<name>`` in TEMPLATEFLOW_HOME."""
-    if folder is not None and Path(folder).is_dir():
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise TemplateUnavailableError(
+                f"custom template folder {folder} does not exist (or is not a folder here): check "
+                "the path (in a container, the path inside it, with the folder bound in)"
+            )
         return load_custom_template(Path(folder), resolution)
     if name in templateflow_names():
         return _fetch_templateflow(name, resolution, cohort)
@@ -74,10 +77,9 @@ def fetch_template(
         if cohort is not None:
             raise TemplateError(f"custom template {in_home}: cohorts are not supported")
         return load_custom_template(in_home, resolution)
-    where = f"nor the folder {folder}" if folder is not None else "nor a folder"
     raise TemplateUnavailableError(
         f"{name!r} is neither a TemplateFlow template ({', '.join(sorted(templateflow_names()))}) "
-        f"{where} tpl-{name} under TEMPLATEFLOW_HOME={templateflow_home()}: give a custom "
+        f"nor a folder tpl-{name} under TEMPLATEFLOW_HOME={templateflow_home()}: give a custom "
         "template's folder by its path (e.g. --output-spaces /data/templates/tpl-MIITRA)"
     )
 

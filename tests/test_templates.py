@@ -424,3 +424,12 @@ def test_a_real_head_on_the_shared_templates(shared_data, tmp_path):
     anat = out / "sub-01" / "anat"
     for label in ("MNIColin27", "MNI305", "MNI152Lin_res-2"):
         assert list(anat.glob(f"sub-01*_space-{label}_desc-preproc_T1w.nii.gz")), label
+
+
+def test_a_custom_folder_that_is_not_there_is_an_error_not_a_templateflow_lookalike(tmp_path):
+    from bids_app.errors import TemplateUnavailableError
+    from bids_app.templates import fetch_template
+
+    space = parse_output_space(str(tmp_path / "tpl-MNI305"))  # TemplateFlow has an MNI305
+    with pytest.raises(TemplateUnavailableError, match="does not exist"):
+        space.find_grid(fetch_template)
