@@ -339,3 +339,19 @@ def test_a_lesion_mask_gone_from_the_raw_dataset_is_said_not_drawn(lesion_run, t
     )
     assert recorded_lesion_path(tmp_path, record["LesionMask"]) is None
     assert recorded_lesion_path(out, None) is None
+
+
+def test_the_validator_accepts_the_lesion_outputs(lesion_run):
+    import shutil
+
+    from test_derivatives import VALIDATOR, validate
+
+    if shutil.which(VALIDATOR) is None:
+        pytest.skip(f"{VALIDATOR} is not installed (pip install {VALIDATOR})")
+    assert list(lesion_run["out"].rglob("*_label-lesion_roi.nii.gz"))
+    issues = validate(shutil.which(VALIDATOR), lesion_run["out"])
+    about_lesions = [i for i in issues if "lesion" in str(i.get("location"))]
+    errors = [i for i in issues if i["severity"] == "error"]
+    assert not errors and not about_lesions, [
+        (i["severity"], i["code"], i.get("location")) for i in errors + about_lesions
+    ]

@@ -58,8 +58,10 @@ T1W_LOG = "desc-mninorm_log.txt"  # what was said and printed while the T1w ran 
 # Folder names carry no trailing slash: bids-validator-deno (3.0) does not ignore a folder itself
 # with "figures/" (it reports "sub-01/figures/" as NOT_INCLUDED); "figures" matches the folder and
 # everything in it, with every gitignore-style matcher.
+# "*_label-lesion_roi.*": fMRIPrep's name for a lesion mask, which BIDS derivatives do not define
 BIDSIGNORE = (
     "*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures", "log", "logs", "*.html", "group",
+    "*_label-lesion_roi.*",
 )  # fmt: skip
 
 # Group level (bids_app/group/): everything in output_dir/group/ (ignored by the validator: BIDS has
