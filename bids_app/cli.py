@@ -22,13 +22,12 @@ from bids_app.registration.registry import DEFAULT_ENGINE, ENGINES, EngineFactor
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
     DEFAULT_SEED,
-    DEFAULT_SPACE,
     PRESETS,
     SKULL_STRIP_MODES,
     Settings,
     check_folders,
-    parse_output_spaces,
 )
+from bids_app.spaces import DEFAULT_SPACE, parse_output_spaces
 
 log = logging.getLogger("bids_app")
 

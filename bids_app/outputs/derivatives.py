@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.outputs.source import T1wInput
-from bids_app.settings import OutputSpace
+from bids_app.spaces import OutputSpace
 
 CODE_URL = "https://github.com/mninorm/mninorm"
 BIDS_VERSION = "1.10.0"
