@@ -19,7 +19,9 @@ from bids_app.registration.base import EngineFactory, get_engine
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
     DEFAULT_ENGINE,
+    DEFAULT_PERMUTATIONS,
     DEFAULT_SEED,
+    DEFAULT_SMOOTHING_FWHM,
     DEFAULT_SPACE,
     ENGINES,
     PRESETS,
@@ -152,6 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
         "participants.tsv column (read from bids_dir): a t map for two groups, an F map for "
         "more; participants with n/a are left out",
     )  # fmt: skip
+    group.add_argument(
+        "--covariates", nargs="+", metavar="COLUMN", default=[],
+        help="group level: nuisance covariates of the model, participants.tsv columns (numbers "
+        "as they are, text coded one indicator per level) or 'brain_volume' (the brain volume "
+        "mninorm measured); participants with n/a in any are left out",
+    )  # fmt: skip
+    group.add_argument(
+        "--smoothing-fwhm", type=float, default=DEFAULT_SMOOTHING_FWHM, metavar="MM",
+        help="group level: Gaussian smoothing of the log-Jacobian maps inside the brain before "
+        f"the model (default {DEFAULT_SMOOTHING_FWHM:g} mm; 0: none)",
+    )  # fmt: skip
+    group.add_argument(
+        "--n-permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+        help="group level: permutations for family-wise error correction (default "
+        f"{DEFAULT_PERMUTATIONS}; seeded by --random-seed; 0: parametric maps only)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tfce", action="store_true",
+        help="group level: also threshold-free cluster enhancement with FWE correction (about "
+        "3 s per permutation on a 2 mm grid with 2 cores: use fewer permutations or a coarser "
+        "grid for a quick look)",
+    )  # fmt: skip
+    group.add_argument(
+        "--atlas", metavar="FILE[:LABELS]",
+        help="group level: a template-space atlas image (and its labels, a TSV with index and "
+        "name, or 'INDEX NAME' lines) naming the peaks of the results table",
+    )  # fmt: skip
 
     output = parser.add_argument_group("messages")
     output.add_argument(
@@ -236,7 +265,7 @@ def _run(
         settings = settings_from_args(args, engines)
         _set_thread_environment(settings.omp_nthreads)
         if settings.analysis_level == "group":
-            return run_group(settings, args.group_by)
+            return run_group(settings, args.group_by, model_spec_from_args(args, settings))
         if args.group_by:
             log.warning("--group-by is used only at the group level: ignored")
         if args.reports_only:
@@ -295,7 +324,21 @@ def run_reports_only(settings: Settings) -> int:
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
 
 
-def run_group(settings: Settings, group_by: str | None = None) -> int:
+def model_spec_from_args(args: argparse.Namespace, settings: Settings):
+    from bids_app.group.model import ModelSpec
+
+    if args.smoothing_fwhm < 0 or args.n_permutations < 0:
+        raise UsageError("--smoothing-fwhm and --n-permutations must be 0 or more")
+    if args.tfce and args.n_permutations == 0:
+        raise UsageError("--tfce needs permutations: give --n-permutations N (N > 0)")
+    return ModelSpec(
+        covariates=tuple(args.covariates), smoothing_fwhm=args.smoothing_fwhm,
+        n_permutations=args.n_permutations, tfce=args.tfce, seed=settings.random_seed,
+        atlas=args.atlas, n_jobs=settings.nthreads,
+    )  # fmt: skip
+
+
+def run_group(settings: Settings, group_by: str | None = None, model=None) -> int:
     from bids_app.group import GroupSettings
     from bids_app.group import run_group as run
 
@@ -304,6 +347,7 @@ def run_group(settings: Settings, group_by: str | None = None) -> int:
             output_dir=settings.output_dir,
             bids_dir=settings.bids_dir,  # may be absent: only --group-by needs it
             group_by=group_by,
+            model=model,
             participant_labels=settings.participant_labels,
             session_labels=settings.session_labels,
         )

@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
+# Group-level model (group/model.py), chosen on `python -m benchmarks stats` (docs/group.md)
+DEFAULT_SMOOTHING_FWHM = 6.0  # mm
+DEFAULT_PERMUTATIONS = 1000
 PRESETS = ("precise", "fast")
 ENGINES = ("ants", "greedy")  # registration engines (bids_app.registration.get_engine)
 # Greedy: on the registration benchmark (docs/benchmark.md) as accurate as ANTs'

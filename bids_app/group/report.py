@@ -52,6 +52,7 @@ class SpaceSection:
     maps: SpaceMaps
     design: Design | None = field(default=None, compare=False)
     group_values: dict = field(default_factory=dict, compare=False)  # subject -> --group-by value
+    inference: object | None = field(default=None, compare=False)  # inference.SpaceInference
 
     @property
     def space(self) -> SpaceResults:
@@ -278,6 +279,11 @@ def _maps(output_dir: Path, section: SpaceSection) -> str:
     design = section.design
     if design is not None and not design.usable:
         parts.append(f'<p class="error">No group comparison: {_e(design.problem)}</p>')
+    elif design is not None and design.numeric:
+        parts.append(
+            f"<p>Correlation with <code>{_e(design.column)}</code>: {len(design.level_of)} "
+            f"participant(s); {len(design.excluded)} without a value left out.</p>"
+        )
     elif design is not None:
         counts = ", ".join(f"{level!r}: {n}" for level, n in design.counts.items())
         parts.append(
