@@ -170,7 +170,7 @@ def write_space_inference(
     )
     mask = coverage >= MASK_SHARE * len(rows)
     written, results = [], []
-    for jacobian in JACOBIANS:
+    for jacobian in spec.jacobians or tuple(JACOBIANS):
 
         def read(row, kind=f"logjac_{jacobian}"):
             return _load(row, kind, grid)
@@ -227,8 +227,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
     permutations = None
     if model.statistic == "t" and spec.n_permutations > 0:
         permutations = permute(data, model.matrix, model.tested[0], mask, grid.affine, spec)
-        correction = {"Permutations": spec.n_permutations, "Seed": spec.seed,
-                      "PermutationSeconds": round(permutations.seconds, 1)}  # fmt: skip
+        correction = {"PermutationSeconds": round(permutations.seconds, 1)}
         write(
             "model_logp_fwe",
             permutations.logp_fwe,

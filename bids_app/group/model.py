@@ -39,6 +39,7 @@ class ModelSpec:
     seed: int = DEFAULT_SEED
     atlas: str | None = None  # FILE[:LABELS]
     n_jobs: int = 1  # processes for the permutations
+    jacobians: tuple[str, ...] = ()  # the log-Jacobians modelled; (): both (total, nonlinear)
 
 
 @dataclass(frozen=True)

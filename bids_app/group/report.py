@@ -293,7 +293,31 @@ def _maps(output_dir: Path, section: SpaceSection) -> str:
         )
     if section.space.cuts is not None:
         parts += _map_figures(output_dir, section)
+    if section.inference is not None:
+        from bids_app.group.model_report import model_section
+
+        background = _background(output_dir, section) if section.space.cuts is not None else None
+        parts.append(model_section(output_dir, section, background))
     return "\n".join(parts)
+
+
+def _background(output_dir: Path, section: SpaceSection):
+    """(mean T1w, brain mask, cuts, zooms) on the RAS grid, for the model's figures."""
+    import nibabel as nib
+
+    from bids_app import figures
+
+    space = section.space
+    mean_path = drv.group_space_path(output_dir, "t1w_mean", space.label)
+    if mean_path not in section.maps.written:
+        return None
+    mask_path = drv.group_space_path(output_dir, "brain_probseg", space.label)
+    volumes = []
+    for path in (mean_path, mask_path):
+        img = nib.load(str(path))
+        volumes.append(canonical_array(np.asarray(img.dataobj, dtype=np.float32), img.affine))
+    mask = volumes[1] >= 0.5
+    return volumes[0], mask, figures.choose_cuts(mask, MOSAIC_SLICES), canonical_zooms(space.grid)
 
 
 def _map_figures(output_dir: Path, section: SpaceSection) -> list[str]:
