@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     method.add_argument(
         "--random-seed", type=int, default=DEFAULT_SEED,
-        help=f"seed for ANTs' sampling (default {DEFAULT_SEED}; recorded in every sidecar)",
+        help=f"seed for ANTs' sampling and the group level's permutations (default {DEFAULT_SEED}; "
+        "recorded in every sidecar)",
     )  # fmt: skip
 
     run = parser.add_argument_group("resources")
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by", metavar="COLUMN",
         help="group level: compare the log-Jacobian maps voxel-wise between the groups of this "
         "participants.tsv column (read from bids_dir): a t map for two groups, an F map for "
-        "more; participants with n/a are left out",
+        "more, a slope for a numeric column; with the model options below (smoothing, "
+        "covariates, permutations); participants with n/a are left out",
     )  # fmt: skip
     group.add_argument(
         "--covariates", nargs="+", metavar="COLUMN", default=[],
