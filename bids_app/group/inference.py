@@ -23,6 +23,7 @@ import numpy as np
 
 from bids_app import __version__
 from bids_app import derivatives as drv
+from bids_app.errors import MninormError
 from bids_app.group.clusters import Atlas, Cluster, find_clusters, write_clusters
 from bids_app.group.model import Model, ModelSpec
 
@@ -127,8 +128,8 @@ def permute(
 ) -> Permutations:
     """Permutation FWE p values of one tested column (nilearn ``permuted_ols``, two-sided)."""
     import nibabel as nib
-    from nilearn.maskers import NiftiMasker
-    from nilearn.mass_univariate import permuted_ols
+
+    permuted_ols, NiftiMasker = require_nilearn()
 
     others = [i for i in range(matrix.shape[1]) if i != column and np.ptp(matrix[:, i]) > 0]
     masker = None
@@ -158,6 +159,19 @@ def crop_to_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     shifted = affine.copy()
     shifted[:3, 3] = affine[:3, :3] @ low + affine[:3, 3]
     return mask[box], shifted
+
+
+def require_nilearn():
+    """nilearn's ``permuted_ols`` and ``NiftiMasker``, or an error naming the extra to install."""
+    try:
+        from nilearn.maskers import NiftiMasker
+        from nilearn.mass_univariate import permuted_ols
+    except ImportError as err:
+        raise MninormError(
+            "--n-permutations needs nilearn: pip install 'mninorm[stats]' (the container has "
+            "it), or give --n-permutations 0 for the parametric maps only"
+        ) from err
+    return permuted_ols, NiftiMasker
 
 
 def fwe_threshold() -> float:

@@ -69,6 +69,10 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
         from bids_app.group.clusters import load_atlas
 
         atlas = load_atlas(settings.model.atlas)  # a wrong --atlas fails before any work
+    if column and settings.model is not None and settings.model.n_permutations > 0:
+        from bids_app.group.inference import require_nilearn
+
+        require_nilearn()  # before any work
     try:
         return _write_outputs(output_dir, collection, cohorts, column, table, settings.model, atlas)
     except OSError as err:  # disk full, permissions: the previous outputs are still whole
