@@ -4,6 +4,7 @@ exit codes (see ``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -168,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"the model (default {DEFAULT_SMOOTHING_FWHM:g} mm; 0: none)",
     )  # fmt: skip
     group.add_argument(
-        "--n-permutations", type=int, default=DEFAULT_PERMUTATIONS, metavar="N",
+        "--n-permutations", type=int, metavar="N",
         help="group level: permutations for family-wise error correction (default "
-        f"{DEFAULT_PERMUTATIONS}; seeded by --random-seed; 0: parametric maps only)",
+        f"{DEFAULT_PERMUTATIONS}, or 0 with a warning when nilearn, the 'stats' extra, is not "
+        "installed; seeded by --random-seed; 0: parametric maps only)",
     )  # fmt: skip
     group.add_argument(
         "--tfce", action="store_true",
@@ -329,13 +331,21 @@ def run_reports_only(settings: Settings) -> int:
 def model_spec_from_args(args: argparse.Namespace, settings: Settings):
     from bids_app.group.model import ModelSpec
 
-    if args.smoothing_fwhm < 0 or args.n_permutations < 0:
+    permutations = args.n_permutations
+    if permutations is None:
+        permutations = DEFAULT_PERMUTATIONS
+        if args.group_by and importlib.util.find_spec("nilearn") is None:
+            log.warning("nilearn (the 'stats' extra) is not installed: no permutations, the "
+                        "group statistics are parametric and uncorrected; pip install "
+                        "'mninorm[stats]' for FWE-corrected maps")  # fmt: skip
+            permutations = 0
+    if args.smoothing_fwhm < 0 or permutations < 0:
         raise UsageError("--smoothing-fwhm and --n-permutations must be 0 or more")
-    if args.tfce and args.n_permutations == 0:
+    if args.tfce and permutations == 0:
         raise UsageError("--tfce needs permutations: give --n-permutations N (N > 0)")
     return ModelSpec(
         covariates=tuple(args.covariates), smoothing_fwhm=args.smoothing_fwhm,
-        n_permutations=args.n_permutations, tfce=args.tfce, seed=settings.random_seed,
+        n_permutations=permutations, tfce=args.tfce, seed=settings.random_seed,
         atlas=args.atlas, n_jobs=settings.nthreads,
     )  # fmt: skip
 
