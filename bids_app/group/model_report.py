@@ -12,6 +12,7 @@ from bids_app.group.inference import FWE_ALPHA, fwe_threshold
 from bids_app.report import _e
 
 T_LIMIT = 6.0  # colour scale of the thresholded t maps
+MAX_PEAK_SLICES = 5  # the figures cut through the peaks of at most this many clusters
 _CORRECTIONS = {"voxel": ("model_logp_fwe", "voxel-wise (max-t)"), "tfce": ("model_logp_tfce_fwe",
                 "TFCE")}  # fmt: skip
 
@@ -87,13 +88,32 @@ def _figures(result, background) -> list[str]:
         if kind not in result.paths or not any(c.correction == correction for c in result.clusters):
             continue
         shown = np.where(volume(result.paths[kind]) > fwe_threshold(), t, 0.0)
-        picture = mosaic_png(mean, mask, cuts, zooms, shown, T_LIMIT, 1e-6)
+        picture = mosaic_png(mean, mask, peak_cuts(shown) or cuts, zooms, shown, T_LIMIT, 1e-6)
         parts.append(
             _figure(
                 picture,
-                f"t map ({result.jacobian} log-Jacobian) where the {words} FWE-corrected p < "
+                f"Sections through the peaks of the largest clusters: t map ({result.jacobian} "
+                f"log-Jacobian) where the {words} FWE-corrected p < "
                 f"{FWE_ALPHA:g}, over the study's mean T1w; red: more tissue (or a positive "
                 f"slope), blue: less; colours saturate at |t| = {T_LIMIT:g}.",
             )
         )
     return parts
+
+
+def peak_cuts(shown: np.ndarray, most: int = MAX_PEAK_SLICES):
+    """Sections through the peaks (largest |t|) of the ``most`` largest clusters of non-zero
+    voxels of a RAS-ordered volume; None when there is none."""
+    from scipy import ndimage
+
+    from bids_app.figures import Cuts
+
+    labels, count = ndimage.label(shown != 0, ndimage.generate_binary_structure(3, 3))
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    peaks = []
+    for index in np.argsort(sizes)[::-1][:most] + 1:
+        values = np.where(labels == index, np.abs(shown), -1.0)
+        peaks.append(np.unravel_index(int(np.argmax(values)), shown.shape))
+    return Cuts(*(tuple(sorted({int(p[axis]) for p in peaks})) for axis in range(3)))
