@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument(
         "--null-step", type=int, default=3, help="null grid: every Nth 2 mm voxel (3: 6 mm)"
     )
+    stats.add_argument(
+        "--null-shard", default="0/1", metavar="K/N",
+        help="run the null cohorts i with i %% N == K only (parallel shards; the summary merges "
+        "every shard in --out)",
+    )  # fmt: skip
     stats.add_argument("--n-permutations", type=int, default=1000, help="timing study (1000)")
     stats.add_argument(
         "--tfce-permutations", type=int, default=100,
@@ -86,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--seed", type=int, default=0)
     stats.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    shard, _, shards = text.partition("/")
+    return int(shard), int(shards or 1)
 
 
 def _names(text: str) -> list[str]:
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = StatsSettings(
             args.out, tuple(args.studies), participants=args.participants,
             null_cohorts=args.null_cohorts, null_permutations=args.null_permutations,
-            null_step=args.null_step, n_permutations=args.n_permutations,
+            null_step=args.null_step, null_shard=_shard(args.null_shard),
+            n_permutations=args.n_permutations,
             sensitivity_tfce_permutations=args.tfce_permutations, jobs=args.jobs, seed=args.seed,
         )  # fmt: skip
         return run_stats(settings, ["python", "-m", "benchmarks", *(argv or sys.argv[1:])])

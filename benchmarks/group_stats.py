@@ -56,6 +56,7 @@ class StatsSettings:
     null_step: int = 3
     null_permutations: int = 100
     null_fwhm: float = 6.0
+    null_shard: tuple[int, int] = (0, 1)  # (K, N): the cohorts i with i % N == K
     timing_participants: int = 50
     n_permutations: int = 1000
     tfce_timing_permutations: int = 20
@@ -160,30 +161,50 @@ def sensitivity(settings: StatsSettings) -> list[dict]:
 
 
 def null(settings: StatsSettings) -> list[dict]:
-    from scipy.stats import binomtest
-
+    """Cohort ``i`` is drawn from seed ``seed + 1 + i`` and permuted with seed ``seed + i``, so
+    shards (``--null-shard K/N``: the cohorts with i % N == K) can run apart and be merged."""
     grid = load_grid(settings.null_step)
-    rng = np.random.default_rng(settings.seed + 1)
-    hits = {"voxel-wise": 0, "TFCE": 0}
+    shard, shards = settings.null_shard
     started = time.monotonic()
-    for index in range(settings.null_cohorts):
+    cohorts = []
+    for index in range(shard, settings.null_cohorts, shards):
+        rng = np.random.default_rng(settings.seed + 1 + index)
         data = smoothed(grid, cohort(grid, settings.participants, 0.0, settings.noise, rng),
                         settings.null_fwhm)  # fmt: skip
         result = analyse(grid, data, settings.null_permutations, True, settings.seed + index,
                          settings.jobs)  # fmt: skip
-        hits["voxel-wise"] += bool((result.logp_fwe > FWE).any())
-        hits["TFCE"] += bool((result.logp_tfce_fwe > FWE).any())
-        if (index + 1) % 10 == 0:
-            log.info("null: %d cohorts, %s, %.0f s", index + 1, hits, time.monotonic() - started)
+        cohorts.append({
+            "cohort": index, "voxel-wise": bool((result.logp_fwe > FWE).any()),
+            "TFCE": bool((result.logp_tfce_fwe > FWE).any()),
+            "max_logp_fwe": round(float(result.logp_fwe.max()), 3),
+            "max_logp_tfce_fwe": round(float(result.logp_tfce_fwe.max()), 3),
+        })  # fmt: skip
+        if len(cohorts) % 10 == 0:
+            log.info("null: %d cohorts, %d / %d false positives (voxel-wise / TFCE), %.0f s",
+                     len(cohorts), sum(c["voxel-wise"] for c in cohorts),
+                     sum(c["TFCE"] for c in cohorts), time.monotonic() - started)  # fmt: skip
+    shard_path = settings.out / f"stats_null_shard{shard}of{shards}.json"
+    shard_path.write_text(json.dumps({"Grid": grid.label, "Cohorts": cohorts}, indent=2) + "\n")
+    return null_summary(settings, grid, int(grid.mask.sum()))
+
+
+def null_summary(settings: StatsSettings, grid: Grid, voxels: int) -> list[dict]:
+    """The false-positive rates over every shard written so far for these settings."""
+    from scipy.stats import binomtest
+
+    cohorts = {}
+    for path in sorted(settings.out.glob("stats_null_shard*.json")):
+        for row in json.loads(path.read_text())["Cohorts"]:
+            cohorts[row["cohort"]] = row
     rows = []
-    for inference, count in hits.items():
-        interval = binomtest(count, settings.null_cohorts).proportion_ci(0.95, method="exact")
+    for inference in ("voxel-wise", "TFCE"):
+        count = sum(row[inference] for row in cohorts.values())
+        interval = binomtest(count, len(cohorts)).proportion_ci(0.95, method="exact")
         rows.append({
-            "grid": grid.label, "voxels": int(grid.mask.sum()),
-            "participants": settings.participants, "fwhm_mm": settings.null_fwhm,
-            "permutations": settings.null_permutations,
-            "cohorts": settings.null_cohorts, "inference": inference,
-            "false_positive_cohorts": count, "fwer": round(count / settings.null_cohorts, 3),
+            "grid": grid.label, "voxels": voxels, "participants": settings.participants,
+            "fwhm_mm": settings.null_fwhm, "permutations": settings.null_permutations,
+            "cohorts": len(cohorts), "inference": inference,
+            "false_positive_cohorts": count, "fwer": round(count / len(cohorts), 3),
             "ci95_low": round(interval.low, 3), "ci95_high": round(interval.high, 3),
         })  # fmt: skip
     return rows
@@ -240,7 +261,7 @@ def run(settings: StatsSettings, argv: list[str]) -> int:
             "Seconds": round(time.monotonic() - started),
             "Rows": rows,
         }  # fmt: skip
-        path = settings.out / f"stats_{study}.json"
+        path = settings.out / f"stats_{study}.json"  # null: the summary of every shard so far
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(markdown(study, rows))
         log.info("%s written (%.0f s)", path, time.monotonic() - started)
