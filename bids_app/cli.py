@@ -214,6 +214,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         raise UsageError("--nthreads and --omp-nthreads must be at least 1")
     if args.random_seed < 0:
         raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
+    if args.smoothing_fwhm < 0 or (args.n_permutations or 0) < 0:
+        raise UsageError("--smoothing-fwhm and --n-permutations must be 0 or more")
     if args.analysis_level != "group" or args.bids_dir.exists():
         # The group level reads output_dir (and participants.tsv only for --group-by): it may run
         # where the input dataset is not.
@@ -339,8 +341,6 @@ def model_spec_from_args(args: argparse.Namespace, settings: Settings):
                         "group statistics are parametric and uncorrected; pip install "
                         "'mninorm[stats]' for FWE-corrected maps")  # fmt: skip
             permutations = 0
-    if args.smoothing_fwhm < 0 or permutations < 0:
-        raise UsageError("--smoothing-fwhm and --n-permutations must be 0 or more")
     if args.tfce and permutations == 0:
         raise UsageError("--tfce needs permutations: give --n-permutations N (N > 0)")
     return ModelSpec(
