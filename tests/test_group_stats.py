@@ -279,3 +279,17 @@ def test_the_aal_atlas_of_the_shared_data_names_a_known_coordinate(shared_data):
     atlas = load_atlas(str(aal))  # its labels: aal.nii.txt, found next to it
     assert atlas.label_at((-40.0, -20.0, 55.0)) in ("Precentral_L", "Postcentral_L")
     assert atlas.label_at((40.0, -20.0, 55.0)).endswith("_R")
+
+
+def test_three_groups_give_the_models_f_map_equal_to_scipys_anova(tmp_path, grid, fetch):
+    rng = np.random.default_rng(6)
+    groups = {f"{i:02d}": "ABC"[(i - 1) % 3] for i in range(1, 10)}
+    logjacs = {k: noise(grid, rng) for k in groups}
+    write_participants(tmp_path / "out", grid, logjacs)
+    run(tmp_path / "out", write_bids(tmp_path / "bids", "site", groups), "site", fetch,
+        smoothing_fwhm=0.0)  # fmt: skip
+    f = model_map(tmp_path / "out", "model_F", "site")
+    brain = load(drv.group_space_path(tmp_path / "out", "brain_probseg", LABEL)) >= 0.5
+    samples = [np.stack([logjacs[k] for k in groups if groups[k] == g])[:, brain] for g in "ABC"]
+    assert np.allclose(f[brain], stats.f_oneway(*samples, axis=0).statistic, rtol=1e-4)
+    assert not list(drv.group_dir(tmp_path / "out").glob("*logpFWE*"))  # no permutations for F
