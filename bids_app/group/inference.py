@@ -270,7 +270,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
                 "model_tfce",
                 permutations.tfce,
                 f"Threshold-free cluster enhancement (E 0.5, "
-                f"H 2, 26-connectivity, signed) of the t map of {what}.",
+                f"H 2, 6-connectivity, nilearn's) of the t map of {what}.",
                 Statistic="TFCE",
             )
             write(
