@@ -162,10 +162,11 @@ def _reference_in_process(t1w: Path, mask_path: Path, figure: Path) -> None:
     import ants
     from templateflow import api
 
-    from bids_app.bias import correct_bias
-    from bids_app.brain import BrainTemplate, extract_brain, extraction_plans
-    from bids_app.images import ants_to_nifti, load_t1w, nifti_to_ants
+    from bids_app.participant.bias import correct_bias
+    from bids_app.participant.brain import BrainTemplate, extract_brain, extraction_plans
+    from bids_app.participant.images import load_t1w
     from bids_app.registration import get_engine
+    from bids_app.transforms.orientation import ants_to_nifti, nifti_to_ants
 
     def template(name):
         head = api.get(name, resolution=1, desc=None, suffix="T1w", extension=".nii.gz")
@@ -464,7 +465,7 @@ def calibrate(out: Path, setting: str = "default") -> list[dict]:
     Each labelled head's damaged FreeSurfer masks are measured with the linear part of mninorm's
     final transform for that head (``setting``'s run), exactly as QC would measure them.
     """
-    from bids_app.maskcheck import check_mask
+    from bids_app.measures.maskcheck import check_mask
     from bids_app.transforms import read_composite
 
     template_mask = nib.load(_template_file("mask"))
@@ -536,7 +537,7 @@ def _template_file(kind: str) -> Path:
 
 
 def calibration_table(rows: list[dict]) -> list[str]:
-    from bids_app.maskcheck import LIMITS
+    from bids_app.measures.maskcheck import LIMITS
 
     lines = [
         "## Calibration of the mask checks",

@@ -8,20 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_app.errors import MissingInputError, UsageError
-from bids_app.registration.base import EngineFactory, get_engine
+from bids_app.registration.base import USER_PRESETS
+from bids_app.registration.registry import DEFAULT_ENGINE, EngineFactory, get_engine
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
+PRESETS = USER_PRESETS
 # Group-level model (group/model.py), chosen on `python -m benchmarks stats` (docs/group.md)
 DEFAULT_SMOOTHING_FWHM = 6.0  # mm
 DEFAULT_PERMUTATIONS = 1000
-PRESETS = ("precise", "fast")
-ENGINES = ("ants", "greedy")  # registration engines (bids_app.registration.get_engine)
-# Greedy: on the registration benchmark (docs/benchmark.md) as accurate as ANTs'
-# antsRegistrationSyN[s] or better, in a fraction of its time; ANTs stays one option away.
-DEFAULT_ENGINE = "greedy"
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
 # cerebellum); when it is absent and not asked for, the first output template's head is used.
@@ -111,6 +108,9 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    mem_mb: int | None = None  # --mem-mb: the memory all running participants share (MiB)
+    reports_only: bool = False  # participant level: rebuild the reports from output_dir only
+    group_by: str | None = None  # group level: the participants.tsv column to compare groups by
     # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real
     # ones, or the tests' fake. It must pickle: participants run in spawned processes.
     engines: EngineFactory = field(default=get_engine, compare=False, repr=False)

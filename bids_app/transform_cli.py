@@ -2,7 +2,7 @@
 space, using the transforms in an mninorm output folder. Coordinates are RAS+ millimetres.
 
 Exit codes are ``errors.ExitCode``'s; ``EXIT_CODES`` says which this command returns (its --help
-prints them); ``main`` is the one place that turns errors into them.
+prints them); ``console.run_command`` turns errors into them, as for ``mninorm``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 
 from bids_app import __version__
 from bids_app.cli import UsageExitParser, configure_logging
-from bids_app.errors import ExitCode, MissingInputError, MninormError, UsageError
+from bids_app.console import run_command
+from bids_app.errors import ExitCode, MissingInputError, UsageError
 from bids_app.settings import NATIVE_SPACE, is_native_space
 
 log = logging.getLogger("bids_app")
@@ -162,24 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose - args.quiet)
     run = {"points": run_points, "coords": run_coords, "image": run_image, "rois": run_rois}
-    try:
-        run[args.command](args)
-        return int(ExitCode.OK)
-    except MninormError as err:
-        if args.debug:
-            raise
-        log.error("%s", err)
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return int(ExitCode.INTERRUPTED)
+    return run_command(lambda: run[args.command](args), debug=args.debug)
 
 
 # ---- subcommands ------------------------------------------------------------------------------
 
 
 def run_points(args) -> None:
-    from bids_app import mapping
+    from bids_app.transforms import mapping
 
     template, to = _template_and_target(args.from_space, args.to_space)
     transforms = _transforms(args, template)
@@ -201,7 +192,7 @@ def run_points(args) -> None:
 
 
 def run_coords(args) -> None:
-    from bids_app import mapping
+    from bids_app.transforms import mapping
 
     table = read_table(args.input)
     if args.to == "world":
@@ -218,7 +209,8 @@ def run_coords(args) -> None:
 
 
 def run_image(args) -> None:
-    from bids_app import derivatives, mapping
+    from bids_app.outputs import derivatives
+    from bids_app.transforms import mapping
 
     template, to = _template_and_target(args.from_space, args.to_space)
     transforms = _transforms(args, template)
@@ -236,7 +228,8 @@ def run_image(args) -> None:
 def run_rois(args) -> None:
     import pandas as pd
 
-    from bids_app import derivatives, mapping
+    from bids_app.outputs import derivatives
+    from bids_app.transforms import mapping
 
     transforms = _transforms(args, args.template)
     atlas_path, labels_path = _atlas(args.atlas, args.template, args.labels)
@@ -260,7 +253,7 @@ def run_rois(args) -> None:
 
 
 def _template_and_target(source: str, target: str) -> tuple[str, str]:
-    from bids_app.mapping import NATIVE
+    from bids_app.transforms.mapping import NATIVE
 
     if (source == NATIVE) == (target == NATIVE):
         raise UsageError(
@@ -271,7 +264,7 @@ def _template_and_target(source: str, target: str) -> tuple[str, str]:
 
 
 def _transforms(args, template: str):
-    from bids_app.mapping import find_transforms
+    from bids_app.transforms.mapping import find_transforms
 
     return find_transforms(
         args.output_dir, args.participant_label, template, args.session_label, args.run
@@ -290,7 +283,7 @@ def read_table(path: Path):
 
 
 def write_table(table, path: Path) -> None:
-    from bids_app.derivatives import atomic_path
+    from bids_app.outputs.derivatives import atomic_path
 
     with atomic_path(path) as tmp:
         table.to_csv(tmp, sep="\t", index=False)

@@ -60,8 +60,9 @@ class FakeEngine:
     ``DIVERGED_VOLUME``, as a real affine that diverged (brain extraction's fallback must catch it).
     """
 
-    def __init__(self, name="greedy", poses=None, amplitude=AMPLITUDE_MM, diverging=0):
+    def __init__(self, name="greedy", poses=None, amplitude=AMPLITUDE_MM, diverging=0, threads=1):
         self.name = name
+        self.threads = threads
         self.poses = dict(poses or {})  # 'sub-01' -> its affine, template -> participant points
         self.amplitude = amplitude
         self.diverging = diverging
@@ -71,8 +72,7 @@ class FakeEngine:
         self, fixed, moving, *, preset: str, out_prefix: Path, seed: int, fixed_mask=None,
         moving_mask=None, initial_xfm: Path | None = None,
     ) -> RegistrationResult:  # fmt: skip
-        from bids_app.registration.composite import write_composite
-        from bids_app.transforms import CompositeTransform, read_composite
+        from bids_app.transforms import CompositeTransform, read_composite, write_composite
 
         if preset not in REQUIRED_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {REQUIRED_PRESETS}")
@@ -99,8 +99,8 @@ class FakeEngine:
 
     def _fields(self, fixed):
         """``displacement`` u and its inverse v ((id + v) = (id + u)^-1) on the fixed grid."""
-        from bids_app.images import ants_to_nifti
         from bids_app.transforms import DisplacementField
+        from bids_app.transforms.orientation import ants_to_nifti
 
         grid = ants_to_nifti(fixed)
         shape, affine = grid.shape[:3], grid.affine
@@ -126,5 +126,37 @@ class FakeEngines:
         self.poses, self.amplitude = poses, amplitude
         self.diverging = dict(diverging or {})
 
-    def __call__(self, name: str) -> FakeEngine:
-        return FakeEngine(name, self.poses, self.amplitude, self.diverging.get(name, 0))
+    def __call__(self, name: str, threads: int = 1) -> FakeEngine:
+        return FakeEngine(name, self.poses, self.amplitude, self.diverging.get(name, 0), threads)
+
+
+class DyingEngines(FakeEngines):
+    """``FakeEngines`` whose engine, registering a participant of ``doomed``, starts writing an
+    output (``derivatives.atomic_path`` into ``output_dir``) and is then killed with SIGKILL, as
+    the out-of-memory killer does: no ``finally`` runs, the temporary file stays."""
+
+    def __init__(self, doomed, output_dir, poses=None):
+        super().__init__(poses)
+        self.doomed, self.output_dir = tuple(doomed), Path(output_dir)
+
+    def __call__(self, name: str, threads: int = 1) -> FakeEngine:
+        return _DyingEngine(self, name, threads)
+
+
+class _DyingEngine(FakeEngine):
+    def __init__(self, factory: DyingEngines, name: str, threads: int = 1):
+        super().__init__(name, factory.poses, factory.amplitude, threads=threads)
+        self.factory = factory
+
+    def register(self, fixed, moving, *, out_prefix: Path, **kwargs):
+        import signal
+
+        from bids_app.outputs.derivatives import atomic_path
+
+        subject = next((p for p in Path(out_prefix).parts if p in self.factory.doomed), None)
+        if subject is not None:
+            target = self.factory.output_dir / subject / "anat" / f"{subject}_being_written.h5"
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(b"half of a transform")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().register(fixed, moving, out_prefix=out_prefix, **kwargs)

@@ -18,11 +18,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_app import derivatives as drv
-from bids_app.images import ants_to_nifti
-from bids_app.qc import RunRecord
+from bids_app.outputs import derivatives as drv
+from bids_app.reports.qc import T1wRecord
 from bids_app.settings import OutputSpace
 from bids_app.transforms import read_composite
+from bids_app.transforms.orientation import ants_to_nifti
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -65,24 +65,37 @@ def write_itk_composite(path: Path, affine_ras: np.ndarray, field_lps=None) -> P
     return path
 
 
-def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = False) -> dict:
-    """What the pipeline records (``pipeline._provenance``) for a T1w run with this engine and
-    preset: the sidecars' "Registration", "BrainMaskMethod", "Software"..."""
-    from bids_app.images import HeaderReport
-    from bids_app.pipeline import _provenance
+def _settings(engine: str, preset: str):
     from bids_app.settings import Settings
 
-    settings = Settings(
+    return Settings(
         bids_dir=Path("bids"), output_dir=Path("out"), analysis_level="participant",
         engine=engine, preset=preset, random_seed=1,
     )  # fmt: skip
+
+
+def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = False) -> dict:
+    """What the pipeline records (``pipeline._provenance``) for a T1w run with this engine and
+    preset: the sidecars' "Registration", "BrainMaskMethod", "Software"..."""
+    from bids_app.participant.images import HeaderReport
+    from bids_app.participant.pipeline import _provenance
+
     header = HeaderReport("LIA", (1.0, 1.0, 1.0), (10, 10, 10), ("reoriented LIA -> RAS",))
-    return _provenance(t1w, settings, header, recorded_extraction(engine, stripped_input))
+    return _provenance(
+        t1w, _settings(engine, preset), header, recorded_extraction(engine, stripped_input)
+    )
+
+
+def recorded_registration_entry(engine: str, preset: str) -> dict:
+    """The run record's "Registration" as the pipeline writes it (``_registration_record``)."""
+    from bids_app.participant.pipeline import _registration_record
+
+    return _registration_record(_settings(engine, preset)).to_json()
 
 
 def recorded_extraction(engine: str, stripped_input: bool = False):
     """A brain extraction as the pipeline records it: one attempt that passed its checks."""
-    from bids_app.brain import Attempt, BrainExtraction
+    from bids_app.participant.brain import Attempt, BrainExtraction
 
     if stripped_input:
         return BrainExtraction(None, None, True)
@@ -107,7 +120,7 @@ def write_synthetic_outputs(
     """A run's outputs for one T1w whose image is the template itself (shifted along y by
     ``shift_voxels``), with an identity transform, and the sidecars and run record the pipeline
     writes for a run with ``engine`` and ``preset``. Returns the run record's path."""
-    from bids_app.discovery import T1wInput
+    from bids_app.participant.discovery import T1wInput
 
     name = f"sub-{subject}" + (f"_run-{run}" if run else "") + "_T1w.nii.gz"
     relpath = f"sub-{subject}/anat/{name}"
@@ -135,6 +148,7 @@ def write_synthetic_outputs(
         "Threads": 1,
         "Outputs": [],
         "Software": {"mninorm": "test"},
+        "Registration": recorded_registration_entry(engine, preset),
     }
     record_path = drv.run_record_path(output_dir, t1w)
     record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +198,7 @@ def write_affine_xfm(affine_ras: np.ndarray, path: Path) -> Path:
 
 
 def drop_nonlinear_stage(
-    output_dir: Path, record: RunRecord, spaces: list[OutputSpace], fetch_template
+    output_dir: Path, record: T1wRecord, spaces: list[OutputSpace], fetch_template
 ) -> None:
     """Rewrite one T1w's template-space outputs as if only the affine stage had run."""
     import ants

@@ -259,6 +259,7 @@ def test_a_full_invocation_renders_the_command_line_it_means(bosh, parser, tmp_p
         "work_dir": "work",
         "nthreads": 4,
         "omp_nthreads": 2,
+        "mem_mb": 8000,
         "group_by": "diagnosis",
         "covariates": ["age", "sex"],
         "smoothing_fwhm": 8.0,

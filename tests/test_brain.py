@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_app.brain import clean_mask
+from bids_app.participant.images import clean_mask
 
 
 def _ants_mask(data: np.ndarray):

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import logging_restored
 
-from bids_app import derivatives as drv
 from bids_app.cli import main
 from bids_app.errors import ExitCode
+from bids_app.outputs import derivatives as drv
 
 VALIDATOR = "bids-validator-deno"
 # The warnings the participant level used to give and must not give again: every NIfTI's spatial

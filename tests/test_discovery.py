@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import save_t1w, write_dataset_description
 
-from bids_app.discovery import collect_t1w, load_filter_file
 from bids_app.errors import InvalidBIDSError, NothingMatchedError, UsageError
+from bids_app.participant.discovery import collect_t1w, load_filter_file
 
 
 @pytest.fixture

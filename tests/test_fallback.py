@@ -93,16 +93,16 @@ class _RealEngineDivergingFirst:
     times: the attempts after it register for real."""
 
     name = "greedy"
+    threads = 2
 
     def __init__(self):
         from bids_app.registration.greedy import GreedyEngine
 
-        self.real = GreedyEngine()
+        self.real = GreedyEngine(threads=2)
         self.sabotaged = False
 
     def register(self, fixed, moving, *, preset, **options):
-        from bids_app.registration.composite import write_composite
-        from bids_app.transforms import CompositeTransform, read_composite
+        from bids_app.transforms import CompositeTransform, read_composite, write_composite
 
         result = self.real.register(fixed, moving, preset=preset, **options)
         if preset == "head-linear" and not self.sabotaged:
@@ -119,7 +119,9 @@ def test_real_registrations_rescue_a_diverged_first_attempt(head_dataset, tmp_pa
     from bids_app.registration import get_engine
 
     sabotaged = _RealEngineDivergingFirst()
-    engines = lambda name: sabotaged if name == "greedy" else get_engine(name)  # noqa: E731
+    def engines(name, threads):
+        return sabotaged if name == "greedy" else get_engine(name, threads)
+
     out = tmp_path / "out"
     code = main(
         [str(head_dataset), str(out), "participant", "--output-spaces", E2E_SPACE, "--preset",

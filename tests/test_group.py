@@ -24,12 +24,12 @@ from conftest import TEST_TEMPLATE, logging_restored
 from qc_cases import templates_in
 from scipy import stats
 
-from bids_app import derivatives as drv
 from bids_app.cli import main
 from bids_app.errors import ExitCode, MissingInputError, MninormError
 from bids_app.group import GroupSettings, run_group
 from bids_app.group.cohort import robust_z
 from bids_app.group.maps import RunningStats
+from bids_app.outputs import derivatives as drv
 from bids_app.settings import OutputSpace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def load(path: Path) -> np.ndarray:
 
 
 def table(out: Path) -> list[dict]:
-    from bids_app.qc import read_qc_table
+    from bids_app.reports.qc import read_qc_table
 
     return read_qc_table(drv.group_table_path(out, "qc"))
 
@@ -488,6 +488,22 @@ def test_partial_or_corrupt_participants_are_skipped_and_the_table_says_why(
     sidecar = json.loads(drv.sidecar_path(t_path).read_text())
     assert sidecar["GroupBy"]["Counts"] == {"A": 3, "B": 2}  # 01, 09, 11 / 08, 10
     assert sorted(e["Participant"] for e in sidecar["Excluded"]) == [f"sub-{k}" for k in DAMAGES]
+
+
+def test_a_record_this_version_cannot_read_excludes_its_t1w_with_a_warning(tmp_path, grid, caplog):
+    from bids_app.group.collect import find_results
+
+    out = tmp_path / "out"
+    write_cohort(out, grid, {"01": "A", "02": "B"})
+    record = out / "sub-02" / "log" / "sub-02_desc-mninorm_run.json"
+    content = json.loads(record.read_text())
+    content["Spaces"] = content.pop("OutputSpaces")
+    record.write_text(json.dumps(content))
+    with caplog.at_level("WARNING"):
+        first, second = find_results(out)
+    assert first.usable and first.run_ok
+    assert not second.run_ok and "no run record" in second.problem
+    assert str(record) in caplog.text and "lacks OutputSpaces" in caplog.text
 
 
 def _anat(out: Path, label: str) -> Path:

@@ -20,13 +20,13 @@ import pytest
 from scipy import stats
 from test_group import LABEL, NOISE, SPACE, fetch, grid, load, synth, write_bids  # noqa: F401
 
-from bids_app import derivatives as drv
 from bids_app.cli import main
 from bids_app.errors import ExitCode
 from bids_app.group import GroupSettings, run_group
 from bids_app.group.clusters import load_atlas, read_labels
 from bids_app.group.inference import fit_glm, smooth_in_mask
 from bids_app.group.model import ModelSpec
+from bids_app.outputs import derivatives as drv
 
 CENTRE_MM = (-30.0, -10.0, 5.0)
 FWE = -math.log10(0.05)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import brain_mask_of, known_affine, participant_brain, with_skull
 
-from bids_app.headstart import _difference_mm, distinct_starts, search_head_starts
+from bids_app.participant.headstart import _difference_mm, distinct_starts, search_head_starts
 
 
 def _with_neck(head: nib.Nifti1Image, length_mm: float = 150.0) -> nib.Nifti1Image:
@@ -34,7 +34,7 @@ def _with_neck(head: nib.Nifti1Image, length_mm: float = 150.0) -> nib.Nifti1Ima
 
 
 def _ants(img: nib.Nifti1Image):
-    from bids_app.images import nifti_to_ants
+    from bids_app.transforms.orientation import nifti_to_ants
 
     return nifti_to_ants(nib.as_closest_canonical(img))
 
@@ -75,7 +75,7 @@ def test_distinct_starts_drop_repeats():
     near[:3, 3] = (2.0, 0.0, 0.0)
     far = np.eye(4)
     far[:3, 3] = (30.0, 0.0, 0.0)
-    from bids_app.headstart import HeadStart
+    from bids_app.participant.headstart import HeadStart
 
     starts = [HeadStart("a", base, 0.9), HeadStart("b", near, 0.8), HeadStart("c", far, 0.7)]
     assert [s.label for s in distinct_starts(starts)] == ["a", "c"]

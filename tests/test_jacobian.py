@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_app.jacobian import field_determinant, folding_fraction, log_jacobians
 from bids_app.transforms import CompositeTransform, DisplacementField
+from bids_app.transforms.jacobian import field_determinant, folding_fraction, log_jacobians
 
 
 def _grid_affine(kind: str) -> np.ndarray:

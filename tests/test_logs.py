@@ -14,6 +14,8 @@ from bids_app.logs import T1W_ATTRIBUTE, Verbosity, output_to, t1w_log
 
 LINE_SEARCH = " IFLAG= -1  LINE SEARCH FAILED. SEE DOCUMENTATION OF ROUTINE MCSRCH"
 
+PIPELINE = "bids_app.participant.pipeline"
+
 
 def _print_from_c(text: str) -> None:
     """As Greedy's optimiser does: C's printf, buffered by the C library, past sys.stdout."""
@@ -69,23 +71,23 @@ def test_t1w_log_keeps_the_records_and_the_printed_text_apart_on_lines(tmp_path,
     path.write_text("the last run's log\n")
     try:
         with t1w_log(path, "sub-01", Verbosity(0)):
-            logging.getLogger("bids_app.pipeline").info("sub-01: bias correction (N4)...")
+            logging.getLogger(PIPELINE).info("sub-01: bias correction (N4)...")
             _print_from_c(LINE_SEARCH)
-            logging.getLogger("bids_app.pipeline").info("sub-01: registration done")
-            logging.getLogger("bids_app.pipeline").debug("not kept without -vv")
-        logging.getLogger("bids_app.pipeline").info("after the T1w")
+            logging.getLogger(PIPELINE).info("sub-01: registration done")
+            logging.getLogger(PIPELINE).debug("not kept without -vv")
+        logging.getLogger(PIPELINE).info("after the T1w")
     finally:
         root.removeHandler(other)
         root.setLevel(level)
     lines = path.read_text().splitlines()
     assert "the last run's log" not in path.read_text()  # rewritten for each run
-    assert [line.split(": ", 1)[-1] for line in lines if "bids_app.pipeline" in line] == [
+    assert [line.split(": ", 1)[-1] for line in lines if PIPELINE in line] == [
         "sub-01: bias correction (N4)...",
         "sub-01: registration done",
     ]
     assert lines[1] == LINE_SEARCH  # on a line of its own
     assert "not kept" not in path.read_text()
-    assert ("bids_app.pipeline", "sub-01") in seen and ("bids_app.pipeline", None) in seen
+    assert (PIPELINE, "sub-01") in seen and (PIPELINE, None) in seen
     assert "IFLAG" not in "".join(capfd.readouterr())
     assert not any(isinstance(f, logging.Filter) for f in other.filters)  # the mark is removed
 
@@ -104,11 +106,11 @@ INFO, W, E, D = logging.INFO, logging.WARNING, logging.ERROR, logging.DEBUG
     ("count", "name", "level", "t1w", "shown"),
     [
         (0, "bids_app.cli", INFO, None, True),  # what was found, the QC verdict
-        (0, "bids_app.pipeline", INFO, "sub-01", False),  # a T1w's details: its log file
-        (1, "bids_app.pipeline", INFO, "sub-01", True),
-        (0, "bids_app.brain", W, "sub-01", True),
-        (0, "bids_app.pipeline", D, None, False),
-        (2, "bids_app.pipeline", D, "sub-01", True),
+        (0, PIPELINE, INFO, "sub-01", False),  # a T1w's details: its log file
+        (1, "bids_app.participant.pipeline", INFO, "sub-01", True),
+        (0, "bids_app.participant.brain", W, "sub-01", True),
+        (0, "bids_app.participant.pipeline", D, None, False),
+        (2, "bids_app.participant.pipeline", D, "sub-01", True),
         (0, "bidsschematools", INFO, None, False),  # its schema line on every command
         (0, "py.warnings", W, None, True),
         (0, "py.warnings", W, "sub-01", False),  # other packages about a T1w: its log file

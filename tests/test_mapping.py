@@ -11,8 +11,8 @@ import pytest
 from conftest import E2E_SPACE, known_affine
 
 from bids_app.errors import ExitCode
-from bids_app.mapping import find_transforms, map_points
 from bids_app.transform_cli import main
+from bids_app.transforms.mapping import find_transforms, map_points
 
 SPACE = E2E_SPACE
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import brain_mask_of, known_affine, warp_image
 from scipy import ndimage
 
-from bids_app import qc
-from bids_app.maskcheck import LIMITS, check_mask, mask_problems
+from bids_app.measures.maskcheck import LIMITS, check_mask, mask_problems
+from bids_app.reports import qc
 
 TO_TEMPLATE = known_affine(rot_deg=(12.0, -5.0, 20.0), shift=(6.0, -9.0, 4.0), scale=(1.05, 1, 1))
 

@@ -18,11 +18,12 @@ import pytest
 from conftest import TEST_TEMPLATE
 from qc_cases import recorded_extraction, recorded_provenance, write_synthetic_outputs
 
-from bids_app import derivatives as drv
-from bids_app import qc
-from bids_app.methods import methods_text, recorded_registration, template_references
-from bids_app.registration.base import by_level, get_preset
-from bids_app.report import write_participant_report
+from bids_app.outputs import derivatives as drv
+from bids_app.registration.base import by_level
+from bids_app.registration.registry import get_preset
+from bids_app.reports import qc
+from bids_app.reports.methods import methods_text, recorded_registration, template_references
+from bids_app.reports.participant import write_participant_report
 from bids_app.templates import Template
 
 ENGINE_PRESETS = [
@@ -196,19 +197,22 @@ def test_records_of_different_engines_are_described_each(tmp_path, fetch_templat
 
 
 def test_an_older_record_is_read_through_its_sidecar(tmp_path, fetch_template):
-    """Records written before the engine was recorded: the sidecar's engine label names it; a
-    preset this version does not know is described by the stages its sidecar recorded, and
-    nothing more is claimed."""
+    """Records written before the engine and its methods text were recorded: the sidecar's engine
+    label names it; the preset is described by the stages its sidecar recorded, and nothing more
+    is claimed."""
     template = fetch_template(TEST_TEMPLATE)
     write_synthetic_outputs(tmp_path, template, engine="ants", preset="fast")
     (record,) = qc.collect_records(tmp_path, "01")
-    content = dict(record.content)
-    del content["Engine"]
+    content = json.loads(record.path.read_text())
+    del content["Engine"], content["Registration"]
     record.path.write_text(json.dumps(content))
+    (record,) = qc.collect_records(tmp_path, "01")
     (spaces,) = qc.spaces_by_template(record).values()
     sidecar_path = drv.sidecar_path(drv.space_path(tmp_path, record.t1w, "t1w", spaces[0]))
     sidecar = json.loads(sidecar_path.read_text())
-    assert recorded_registration(content, sidecar).engine == "ants"
+    registration = recorded_registration(record.content, sidecar)
+    assert registration.engine_label == "ANTsPy antsRegistration"
+    assert registration.stages == get_preset("ants", "fast").description
 
     content["Preset"] = "retired"
     record.path.write_text(json.dumps(content))
@@ -264,8 +268,8 @@ def test_template_references_come_from_its_description(name, citations, expected
 
 def test_the_recorded_interpolation_is_what_the_outputs_are_written_with():
     """A tripwire: ``_provenance`` records by hand what ``_write_template_outputs`` does."""
-    from bids_app import pipeline
-    from bids_app.discovery import T1wInput
+    from bids_app.participant import pipeline
+    from bids_app.participant.discovery import T1wInput
 
     t1w = T1wInput("01", Path("sub-01_T1w.nii.gz"), "sub-01/anat/sub-01_T1w.nii.gz", {})
     recorded = recorded_provenance(t1w, "greedy", "fast")["Registration"]["OutputInterpolation"]

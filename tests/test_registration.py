@@ -23,11 +23,12 @@ from conftest import (
     warp_image,
 )
 
-from bids_app.images import load_t1w, nifti_to_ants
-from bids_app.jacobian import log_jacobians
+from bids_app.participant.images import load_t1w
 from bids_app.registration import get_engine
 from bids_app.registration.greedy import GreedyEngine, to_sitk
 from bids_app.transforms import read_composite
+from bids_app.transforms.jacobian import log_jacobians
+from bids_app.transforms.orientation import nifti_to_ants
 
 ENGINES = ["ants", "greedy"]
 
@@ -286,7 +287,8 @@ def test_every_engine_offers_the_presets_the_pipeline_asks_for(engine):
     """The protocol's presets (base.REQUIRED_PRESETS), with a deformable stage where the
     pipeline reads a displacement field (all but base.LINEAR_PRESETS); the fake engine
     (tests/fakes.py) offers the same."""
-    from bids_app.registration.base import LINEAR_PRESETS, REQUIRED_PRESETS, get_preset
+    from bids_app.registration.base import LINEAR_PRESETS, REQUIRED_PRESETS
+    from bids_app.registration.registry import get_preset
 
     for name in REQUIRED_PRESETS:
         preset = get_preset(engine, name)

@@ -17,10 +17,10 @@ from fakes import FakeEngines
 from PIL import Image
 from qc_cases import write_synthetic_outputs
 
-from bids_app import qc
 from bids_app.cli import main
 from bids_app.errors import ExitCode
-from bids_app.report import write_participant_report
+from bids_app.reports import qc
+from bids_app.reports.participant import write_participant_report
 
 SPACE = TEST_TEMPLATE
 
@@ -129,7 +129,8 @@ def test_misaligned_participant_is_reported_as_failing(synthetic):
 
 
 def test_a_report_failure_never_fails_the_participant(monkeypatch, caplog, tmp_path):
-    from bids_app import pipeline, report
+    from bids_app.participant import pipeline
+    from bids_app.reports import participant as report
     from bids_app.settings import Settings
 
     def broken(*args, **kwargs):

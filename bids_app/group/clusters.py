@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import derivatives as drv
 from bids_app.errors import MissingInputError, UsageError
+from bids_app.outputs import derivatives as drv
 
 COLUMNS = {
     "cluster": "cluster number (largest first, per correction)",

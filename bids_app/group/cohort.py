@@ -1,8 +1,8 @@
 """Group level, step 2: the cohort QC table, robust outlier flags, and which T1w enter the maps.
 
 One row per T1w and space. The status and metrics are the participant level's own QC table
-(``<source>_desc-mninorm_qc.tsv``, graded by fixed thresholds in ``bids_app/qc.py``). On top of
-them, each metric is compared with the cohort, per space, robustly: a T1w is an outlier when
+(``<source>_desc-mninorm_qc.tsv``, graded by fixed thresholds in ``bids_app/reports/qc.py``). On
+top of them, each metric is compared with the cohort, per space, robustly: a T1w is an outlier when
 ``|x - median| / (1.4826 MAD) > 3.5`` on the side that signals a problem (the modified z-score of
 Iglewicz and Hoaglin; where MAD is 0, ``1.2533 x`` the mean absolute deviation replaces it). A
 normalisation can pass every fixed threshold and still be far from all the others.
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import __version__, qc
-from bids_app import derivatives as drv
+from bids_app import __version__
 from bids_app.group.collect import SpaceResults, T1wResult
+from bids_app.outputs import derivatives as drv
+from bids_app.reports import qc
 
 log = logging.getLogger(__name__)
 

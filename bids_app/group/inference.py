@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from bids_app import __version__
-from bids_app import derivatives as drv
 from bids_app.errors import MninormError
 from bids_app.group.clusters import Atlas, Cluster, find_clusters, write_clusters
 from bids_app.group.model import Model, ModelSpec
+from bids_app.outputs import derivatives as drv
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from bids_app import __version__
-from bids_app import derivatives as drv
 from bids_app.errors import MninormError
 from bids_app.group.cohort import CohortRow, SpaceCohort
 from bids_app.group.collect import Grid, read_map
 from bids_app.group.design import Design
+from bids_app.outputs import derivatives as drv
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import derivatives as drv
 from bids_app.errors import MninormError
 from bids_app.group.cohort import build_cohort, write_table
 from bids_app.group.collect import collect
@@ -24,6 +23,7 @@ from bids_app.group.design import Design, build_design, read_participants
 from bids_app.group.maps import write_space_maps
 from bids_app.group.model import ModelSpec
 from bids_app.group.report import SpaceSection, write_group_report
+from bids_app.outputs import derivatives as drv
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class GroupOutcome:
 
 
 def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -> GroupOutcome:
-    from bids_app.report import cached_templates
+    from bids_app.reports.participant import cached_templates
 
     if fetch_template is None:
         from bids_app.templates import fetch_template

@@ -1,5 +1,6 @@
-"""Registration engines behind one seam (``base.RegistrationEngine``)."""
+"""Registration engines behind one seam (``base.RegistrationEngine``), listed in ``registry``."""
 
-from bids_app.registration.base import RegistrationEngine, RegistrationResult, get_engine
+from bids_app.registration.base import RegistrationEngine, RegistrationResult
+from bids_app.registration.registry import ENGINES, get_engine, get_preset
 
-__all__ = ["RegistrationEngine", "RegistrationResult", "get_engine"]
+__all__ = ["ENGINES", "RegistrationEngine", "RegistrationResult", "get_engine", "get_preset"]

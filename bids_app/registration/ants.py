@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bids_app.errors import RegistrationError
 from bids_app.registration.base import RegistrationResult, by_level, one_line, stages_sentence
+from bids_app.registration.grid import as_pixeltype, fixed_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,6 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-# What users choose with --preset; the others serve internal steps.
-USER_PRESETS = ("precise", "fast")
-
-
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
@@ -191,6 +188,11 @@ def get_preset(name: str) -> Preset:
 
 class AntsEngine:
     name = "ants"
+
+    def __init__(self, threads: int = 1):
+        # ANTsPy takes no thread count per call: ITK reads it from the environment when ``ants``
+        # is first imported, and the command sets that once, before (cli._set_thread_environment).
+        self.threads = threads
 
     def register(
         self,
@@ -257,26 +259,3 @@ class AntsEngine:
                 "check the input's orientation and brain mask, or run with -v for details"
             )
         return RegistrationResult(forward, inverse, seconds)
-
-
-def as_pixeltype(image, pixeltype: str):
-    return image if image.pixeltype == pixeltype else image.clone(pixeltype)
-
-
-def fixed_on_grid(fixed, fixed_mask, grid_mm: float):
-    """The template (float) and its mask (float 0/1, or None) on a preset's grid: every engine's
-    displacement field lives on that grid."""
-    fixed = to_grid(as_pixeltype(fixed, "float"), grid_mm, "linear")
-    if fixed_mask is not None:
-        fixed_mask = to_grid(as_pixeltype(fixed_mask, "float"), grid_mm, "nearestNeighbor")
-    return fixed, fixed_mask
-
-
-def to_grid(image, grid_mm: float, interpolation: str):
-    """Resample ``image`` to an isotropic ``grid_mm`` grid if that is coarser than its own."""
-    import ants
-
-    if min(image.spacing) >= grid_mm - 1e-6:
-        return image
-    interp = {"linear": 0, "nearestNeighbor": 1}[interpolation]
-    return ants.resample_image(image, (grid_mm,) * 3, use_voxels=False, interp_type=interp)

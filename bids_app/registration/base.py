@@ -11,23 +11,9 @@ they are:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    label: str  # how sidecars name the engine
-    package: str  # the Python distribution whose version the sidecars record
-    short: str  # how the progress lines name it
-
-
-ENGINES: dict[str, EngineInfo] = {
-    "ants": EngineInfo("ANTsPy antsRegistration", "antspyx", "ANTs"),
-    "greedy": EngineInfo("Greedy (picsl-greedy)", "picsl-greedy", "Greedy"),
-}
 
 
 @dataclass(frozen=True)
@@ -37,9 +23,11 @@ class RegistrationResult:
     seconds: float
 
 
-# The presets every engine offers: the users' (``--preset``, settings.PRESETS) and brain
-# extraction's (brain.py: the head's affine, then a coarse warp from it).
-REQUIRED_PRESETS = ("precise", "fast", "head-linear", "head-syn")
+# What users choose with --preset.
+USER_PRESETS = ("precise", "fast")
+# The presets every engine offers: the users' and brain extraction's (participant/brain.py: the
+# head's affine, then a coarse warp from it).
+REQUIRED_PRESETS = (*USER_PRESETS, "head-linear", "head-syn")
 # Their transforms are one affine; the others' are [affine, displacement field] (forward).
 LINEAR_PRESETS = ("head-linear",)
 
@@ -54,6 +42,7 @@ class RegistrationEngine(Protocol):
     """
 
     name: str
+    threads: int  # ITK/OpenMP threads one registration may use
 
     def register(
         self,
@@ -100,7 +89,7 @@ def one_line(stages, grid_mm: float) -> str:
 def stages_sentence(tool: str, preset: str, grid_mm: float, clauses: list[str]) -> str:
     """The first sentence of an engine's methods: what ran, on which grid, in which stages.
 
-    Every engine registers on the template resampled by ``ants.fixed_on_grid``."""
+    Every engine registers on the template resampled by ``grid.fixed_on_grid``."""
     count = _NUMBERS.get(len(clauses), str(len(clauses)))
     return (
         f"Registration used {tool}, preset `{preset}`, on the template resampled to a "
@@ -115,34 +104,3 @@ _NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 def by_level(values) -> str:
     """Per-level values as the engines' command lines write them, e.g. '100x50x10'."""
     return "x".join(f"{v:g}" for v in values)
-
-
-def get_engine(name: str = "ants") -> RegistrationEngine:
-    """The real engines, by name (``Settings.engines``' default)."""
-    if name == "ants":
-        from bids_app.registration.ants import AntsEngine
-
-        return AntsEngine()
-    if name == "greedy":
-        from bids_app.registration.greedy import GreedyEngine
-
-        return GreedyEngine()
-    raise ValueError(f"unknown registration engine {name!r}; choose one of {', '.join(ENGINES)}")
-
-
-# Engines by name: ``get_engine``, or the tests' fake (tests/fakes.py). It must pickle (by
-# reference: a module-level function or class instance), as participants run in spawned processes.
-EngineFactory = Callable[[str], RegistrationEngine]
-
-
-def get_preset(engine: str, name: str) -> EnginePreset:
-    """An engine's named preset: its stages, and how it describes and cites itself."""
-    if engine == "ants":
-        from bids_app.registration.ants import get_preset as ants_preset
-
-        return ants_preset(name)
-    if engine == "greedy":
-        from bids_app.registration.greedy import get_preset as greedy_preset
-
-        return greedy_preset(name)
-    raise ValueError(f"unknown registration engine {engine!r}; choose one of {', '.join(ENGINES)}")

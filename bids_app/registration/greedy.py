@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bids_app.errors import RegistrationError
-from bids_app.registration.ants import as_pixeltype, fixed_on_grid
 from bids_app.registration.base import RegistrationResult, by_level, one_line, stages_sentence
+from bids_app.registration.grid import as_pixeltype, fixed_on_grid
 
 log = logging.getLogger(__name__)
 # Greedy's own messages (every iteration with -vv), under its package's name: the console treats
@@ -226,7 +225,8 @@ def get_preset(name: str) -> Preset:
 class GreedyEngine:
     name = "greedy"
 
-    def __init__(self, keep_greedy_files: bool = False):
+    def __init__(self, threads: int = 1, keep_greedy_files: bool = False):
+        self.threads = threads
         # Also write Greedy's own warps next to the .h5 files (tests compare the two).
         self.keep_greedy_files = keep_greedy_files
 
@@ -252,7 +252,7 @@ class GreedyEngine:
         # case ds01-2mm: 28.5 mm mean landmark error with it, 0.24 mm without). The pipeline's
         # moving image is already brain-masked, which is what the mask would achieve.
         out_prefix.parent.mkdir(parents=True, exist_ok=True)
-        run = _Runner(greedy, images, seed, preset)
+        run = _Runner(greedy, images, seed, preset, self.threads)
 
         start = time.perf_counter()
         affine = read_initial_affine(initial_xfm) if initial_xfm is not None else None
@@ -287,8 +287,7 @@ class CompositeParts:
     inverse_field: object = None  # DisplacementField v, (id + v) = (id + u)^-1
 
     def write(self, forward_path: Path, inverse_path: Path) -> None:
-        from bids_app.registration.composite import write_composite
-        from bids_app.transforms import CompositeTransform
+        from bids_app.transforms import CompositeTransform, write_composite
 
         inverse_affine = np.linalg.inv(self.affine)
         if self.field is None:
@@ -302,13 +301,13 @@ class CompositeParts:
 class _Runner:
     """Greedy command lines on the named in-memory images of one registration."""
 
-    def __init__(self, greedy, images: dict, seed: int, preset: str):
+    def __init__(self, greedy, images: dict, seed: int, preset: str, threads: int):
         self.greedy = greedy
         self.images = images
         self.preset = preset
         if seed == 0:
             log.warning("Greedy reads --random-seed 0 as 'no seed': this run is not repeatable")
-        self.common = ["-d", "3", "-threads", str(_threads()), "-seed", str(seed)]
+        self.common = ["-d", "3", "-threads", str(threads), "-seed", str(seed)]
         self.common += ["-V", "1" if log.isEnabledFor(logging.DEBUG) else "0"]
 
     def _pair(self) -> list[str]:
@@ -366,14 +365,6 @@ def _new_greedy():
     return Greedy3D()
 
 
-def _threads() -> int:
-    """Greedy's own thread count, from the variable ITK (and so ANTs) reads."""
-    try:
-        return max(1, int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "")))
-    except ValueError:
-        return os.cpu_count() or 1
-
-
 def _quote(path: Path) -> str:
     return shlex.quote(str(path))
 
@@ -397,8 +388,8 @@ def field_from_sitk(warp):
     """A Greedy warp (SimpleITK vector image, LPS mm) as a ``DisplacementField`` (RAS)."""
     import SimpleITK as sitk
 
-    from bids_app.images import lps_ras_flip, ras_affine_from_itk
     from bids_app.transforms import DisplacementField
+    from bids_app.transforms.orientation import lps_ras_flip, ras_affine_from_itk
 
     vectors = sitk.GetArrayFromImage(warp).transpose(2, 1, 0, 3)  # (k, j, i, c) -> (i, j, k, c)
     affine = ras_affine_from_itk(

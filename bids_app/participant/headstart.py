@@ -64,7 +64,7 @@ class _Pose:
 
 def search_head_starts(template_head, template_mask, t1w_img) -> list[HeadStart]:
     """The best starts, refined, best first (ANTs images in, no registration run)."""
-    from bids_app.images import ants_to_nifti
+    from bids_app.transforms.orientation import ants_to_nifti
 
     template_brain = ants_to_nifti(template_mask)
     brain_centre = _centre_of_mass(np.asarray(template_brain.dataobj) > 0.5, template_brain.affine)
@@ -93,8 +93,7 @@ def search_head_starts(template_head, template_mask, t1w_img) -> list[HeadStart]
 
 def write_start(template_image, template_mask, t1w_img, path: Path) -> Path:
     """The search's best start as a linear ITK composite (.h5), for a registration to begin at."""
-    from bids_app.registration.composite import write_composite
-    from bids_app.transforms import CompositeTransform
+    from bids_app.transforms import CompositeTransform, write_composite
 
     best = search_head_starts(template_image, template_mask, t1w_img)[0]
     log.debug("start of the registration: %s (score %.3f)", best.label, best.score)
@@ -182,8 +181,8 @@ def _foreground(image) -> tuple[np.ndarray, np.ndarray]:
     """The head (Otsu threshold, largest piece, holes filled) and its RAS affine."""
     import ants
 
-    from bids_app.brain import clean_mask
-    from bids_app.images import ants_to_nifti
+    from bids_app.participant.images import clean_mask
+    from bids_app.transforms.orientation import ants_to_nifti
 
     inside = clean_mask(ants.threshold_image(image, "Otsu", 1)).numpy() > 0
     return inside, ants_to_nifti(image).affine

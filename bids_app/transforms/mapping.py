@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.errors import MissingInputError, NothingMatchedError, UsageError
-from bids_app.images import lps_ras_flip
 from bids_app.settings import NATIVE_SPACE
+from bids_app.transforms.orientation import lps_ras_flip
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def warp_image(
     """Resample an image into the template (``to`` = template) or onto the T1w grid."""
     import ants
 
-    from bids_app.images import ants_to_nifti, nifti_to_ants
+    from bids_app.transforms.orientation import ants_to_nifti, nifti_to_ants
 
     if not image_path.is_file():
         raise MissingInputError(f"image {image_path} does not exist")

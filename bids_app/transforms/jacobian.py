@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_app.transforms import CompositeTransform, DisplacementField
+from bids_app.transforms.model import CompositeTransform, DisplacementField
 
 # A determinant <= 0 means folding; its log is undefined. It is stored as log of this floor, so the
 # map stays finite and the folded voxels stand out (and are counted by QC).

@@ -1,8 +1,8 @@
-"""Writing ITK composite transform files (.h5) in the layout ``antsRegistration`` writes.
+"""ITK composite transform files (.h5), read and written in the layout ``antsRegistration`` writes.
 
-The exact inverse of ``bids_app.transforms.read_composite``: it takes the same RAS parts (4x4
-affines and ``DisplacementField``s, in the file's order: ITK applies the *last* part to a point
-first) and stores them as ITK does, in LPS. Engines other than ANTs use it, so that
+The reader and writer are exact inverses: both deal in the RAS parts of ``model.CompositeTransform``
+(4x4 affines and ``DisplacementField``s, in the file's order: ITK applies the *last* part to a point
+first), stored as ITK stores them, in LPS. Engines other than ANTs use it, so that
 ``antsApplyTransforms``, ``ants.apply_transforms`` and our own reader take their output unchanged.
 """
 
@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app.images import LPS_RAS, lps_ras_flip
-from bids_app.transforms import CompositeTransform, DisplacementField
+from bids_app.transforms.model import CompositeTransform, DisplacementField
+from bids_app.transforms.orientation import (
+    LPS_RAS,
+    itk_grid_from_ras,
+    lps_ras_affine,
+    lps_ras_flip,
+    ras_affine_from_itk,
+)
 
 # antsRegistration --float 1 writes single-precision parameters; fixed parameters are always double.
 _PRECISION = "float"
@@ -44,6 +50,53 @@ def write_composite(transform: CompositeTransform, path: Path) -> Path:
             entry.create_dataset("TransformFixedParameters", data=fixed.astype(np.float64))
             _write_parameters(entry, params.astype(_PARAMETER_DTYPE))
     return path
+
+
+def read_composite(path: Path) -> CompositeTransform:
+    """Read an ITK composite transform (.h5) as RAS parts, in the file's order."""
+    import h5py
+
+    parts = []
+    with h5py.File(path, "r") as h5:
+        group = h5["TransformGroup"]
+        for key in sorted(group, key=int):
+            kind = _decode(group[key]["TransformType"][0])
+            if kind.startswith("CompositeTransform"):
+                continue
+            params = np.asarray(group[key]["TransformParameters"], dtype=float)
+            fixed = np.asarray(group[key]["TransformFixedParameters"], dtype=float)
+            if kind.startswith(("AffineTransform", "MatrixOffsetTransformBase")):
+                parts.append(_affine_from_itk(params, fixed))
+            elif kind.startswith("DisplacementFieldTransform"):
+                parts.append(_field_from_itk(params, fixed))
+            else:
+                raise ValueError(f"{path}: transform type {kind} is not supported here")
+    return CompositeTransform(tuple(parts))
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _affine_from_itk(params: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """ITK: y = M (x - c) + t + c, in LPS  ->  a 4x4 RAS matrix."""
+    matrix = params[:9].reshape(3, 3)
+    translation = params[9:12]
+    lps = np.eye(4)
+    lps[:3, :3] = matrix
+    lps[:3, 3] = translation + center - matrix @ center
+    return lps_ras_affine(lps)
+
+
+def _field_from_itk(params: np.ndarray, fixed: np.ndarray) -> DisplacementField:
+    size = fixed[0:3].astype(int)
+    origin, spacing, direction = fixed[3:6], fixed[6:9], fixed[9:18].reshape(3, 3)
+    # ITK stores vectors with the first index varying fastest.
+    vectors = params.reshape(size[2], size[1], size[0], 3).transpose(2, 1, 0, 3)
+    return DisplacementField(
+        vectors=lps_ras_flip(vectors).astype(np.float32),
+        affine=ras_affine_from_itk(origin, spacing, direction),
+    )
 
 
 def _write_parameters(group, params: np.ndarray) -> None:
@@ -87,10 +140,3 @@ def _field_to_itk(field: DisplacementField) -> tuple[np.ndarray, np.ndarray]:
     flat = lps_ras_flip(vectors).transpose(2, 1, 0, 3).ravel()
     fixed = np.concatenate([np.array(vectors.shape[:3], float), origin, spacing, direction.ravel()])
     return flat, fixed
-
-
-def itk_grid_from_ras(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(origin, spacing, direction) in LPS of a grid given by its RAS voxel-to-world affine."""
-    lps = LPS_RAS @ np.asarray(affine, dtype=float)[:3, :3]
-    spacing = np.sqrt((lps**2).sum(axis=0))
-    return lps_ras_flip(np.asarray(affine, dtype=float)[:3, 3]), spacing, lps / spacing
