@@ -99,10 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     method = parser.add_argument_group("normalisation")
     method.add_argument(
         "--output-spaces", nargs="+", default=[DEFAULT_SPACE], metavar="SPACE",
-        help="TemplateFlow templates, each optionally with a resolution index: "
-        "MNI152NLin2009cAsym, MNI152NLin6Asym:res-2 (res-N is TemplateFlow's index, not mm; "
-        f"default {DEFAULT_SPACE} on its res-1 grid). T1w (fMRIPrep's name for the native space) "
-        "is accepted and adds nothing: the native outputs are always written",
+        help="TemplateFlow templates, each optionally with a cohort and a resolution index: "
+        "MNI152NLin2009cAsym, MNI152NLin6Asym:res-2, MNI305, MNIPediatricAsym:cohort-2 (res-N is "
+        "TemplateFlow's index, not mm; without it, the registration grid: res-1, or the "
+        f"template's single grid, or the finest one available; default {DEFAULT_SPACE}), or a "
+        "custom template's folder path/to/tpl-<Name> (TemplateFlow's layout: a T1w and a "
+        "desc-brain_mask). T1w (fMRIPrep's name for the native space) is accepted and adds "
+        "nothing: the native outputs are always written",
     )  # fmt: skip
     method.add_argument(
         "--preset", choices=PRESETS, default="precise",

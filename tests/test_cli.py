@@ -442,8 +442,10 @@ def test_missing_template_offline_names_the_files_and_how_to_fetch_them(dataset,
         env={"TEMPLATEFLOW_HOME": str(empty_home)},
     )  # fmt: skip
     assert result.returncode == ExitCode.TEMPLATE_UNAVAILABLE, result.stderr
-    assert "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz is missing" in result.stderr
+    # the registration grid (res-1) is named as TemplateFlow stores it, with a command fetching it
+    assert "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz" in result.stderr
     assert "Pre-fetch" in result.stderr
+    assert "api.get('MNI152NLin6Asym', resolution=1, desc=None, suffix='T1w'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

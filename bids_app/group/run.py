@@ -44,7 +44,7 @@ class GroupOutcome:
     report: Path
     written: tuple[Path, ...]  # the maps
     removed: tuple[Path, ...]  # stale group outputs of ours
-    spaces: tuple[str, ...]  # every space found, '<template>[:res-N]'
+    spaces: tuple[str, ...]  # every space found, '<template>[:cohort-N][:res-N]'
     spaces_without_maps: tuple[str, ...]
     design_problems: tuple[str, ...]  # why --group-by gave no comparison (per space)
 

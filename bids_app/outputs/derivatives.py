@@ -22,7 +22,9 @@ from bids_app.settings import OutputSpace
 CODE_URL = "https://github.com/mninorm/mninorm"
 BIDS_VERSION = "1.10.0"
 
-# kind -> file name after the source entities ({space}: "<template>[_res-N]")
+# A space in file names: "<template>[_cohort-N][_res-N]" (OutputSpace.label)
+SPACE_LABEL_PATTERN = r"[A-Za-z0-9]+(?:_cohort-[A-Za-z0-9]+)?(?:_res-[0-9]+)?"
+# kind -> file name after the source entities ({space}: "<template>[_cohort-N][_res-N]")
 NATIVE_OUTPUTS = {
     "t1w": "desc-preproc_T1w.nii.gz",
     "mask": "desc-brain_mask.nii.gz",
@@ -32,6 +34,7 @@ SPACE_OUTPUTS = {
     "mask": "space-{space}_desc-brain_mask.nii.gz",
     "logjac_nonlinear": "space-{space}_desc-nonlinear_logjacobian.nii.gz",
     "logjac_total": "space-{space}_desc-total_logjacobian.nii.gz",
+    "lesion": "space-{space}_label-lesion_roi.nii.gz",  # only for a T1w with a lesion mask
 }
 TRANSFORM_OUTPUTS = {
     "t1w2std_xfm": "from-T1w_to-{template}_mode-image_xfm.h5",
@@ -126,9 +129,7 @@ def anat_dir(output_dir: Path, t1w: T1wInput) -> Path:
 
 
 def space_label(space: OutputSpace) -> str:
-    return (
-        space.template if space.resolution is None else f"{space.template}_res-{space.resolution}"
-    )
+    return space.label
 
 
 def native_path(output_dir: Path, t1w: T1wInput, kind: str) -> Path:
@@ -194,7 +195,7 @@ def group_space_path(
 
 def _group_name_pattern(template: str) -> re.Pattern:
     fields = {
-        "space": r"(?P<space>[A-Za-z0-9]+(?:_res-[0-9]+)?)",
+        "space": rf"(?P<space>{SPACE_LABEL_PATTERN})",
         "jacobian": r"(?:total|nonlinear)",
         "contrast": r"(?P<contrast>[A-Za-z0-9]+)",
     }
