@@ -49,7 +49,7 @@ ARG PIP_INDEX_URL
 WORKDIR /build
 COPY pyproject.toml ./
 RUN python3 -m venv "$VIRTUAL_ENV" \
- && python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+ && python3 -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + project['optional-dependencies']['stats']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && cat requirements.txt \
  && pip install --no-cache-dir --requirement requirements.txt \
  && find "$VIRTUAL_ENV/lib" -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +

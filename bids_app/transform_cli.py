@@ -19,7 +19,7 @@ from bids_app import __version__
 from bids_app.cli import UsageExitParser, configure_logging
 from bids_app.console import run_command
 from bids_app.errors import ExitCode, MissingInputError, UsageError
-from bids_app.settings import NATIVE_SPACE, OutputSpace, is_native_space, parse_output_space
+from bids_app.spaces import NATIVE_SPACE, OutputSpace, is_native_space, parse_output_space
 
 log = logging.getLogger("bids_app")
 DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"

@@ -20,7 +20,7 @@ import numpy as np
 
 from bids_app.outputs import derivatives as drv
 from bids_app.reports.qc import T1wRecord
-from bids_app.settings import OutputSpace
+from bids_app.spaces import OutputSpace
 from bids_app.transforms import read_composite
 from bids_app.transforms.orientation import ants_to_nifti
 

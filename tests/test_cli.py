@@ -21,7 +21,7 @@ from fakes import CHATTER, log_jacobian
 
 from bids_app.cli import build_parser, main, settings_from_args
 from bids_app.errors import ExitCode, UsageError
-from bids_app.settings import DEFAULT_SPACE, OutputSpace
+from bids_app.spaces import DEFAULT_SPACE, OutputSpace
 
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
 SPACE = TEST_TEMPLATE

@@ -21,7 +21,7 @@ import pytest
 from conftest import DATASET_POSES, TEST_TEMPLATE
 
 from bids_app.errors import TemplateError, UsageError
-from bids_app.settings import parse_output_space
+from bids_app.spaces import parse_output_space
 from bids_app.templates import load_custom_template
 
 TESTS = Path(__file__).resolve().parent

@@ -25,7 +25,7 @@ from bids_app.outputs import derivatives as drv
 from bids_app.outputs.source import T1wInput, strip_prefix
 from bids_app.reports import qc
 from bids_app.reports.figures import VIEWS
-from bids_app.settings import OutputSpace, parse_output_space
+from bids_app.spaces import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
 

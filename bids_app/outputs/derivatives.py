@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.outputs.source import T1wInput
-from bids_app.settings import OutputSpace
+from bids_app.spaces import OutputSpace
 
 CODE_URL = "https://github.com/mninorm/mninorm"
 BIDS_VERSION = "1.10.0"
@@ -85,6 +85,23 @@ GROUP_SPACE_OUTPUTS = {
     "t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}_statmap.nii.gz",
     "effect": "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}_statmap.nii.gz",
     "F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}_statmap.nii.gz",
+    # The model (group/model.py, group/inference.py): smoothed maps, covariates, permutations.
+    # desc-{jacobian}Model tells them from the unsmoothed, covariate-free maps above; p values
+    # are -log10 p ("logp"): uncorrected (parametric), FWE voxel-wise (max-t), FWE with TFCE.
+    "model_t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}Model_statmap.nii.gz",
+    "model_F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}Model_statmap.nii.gz",
+    "model_effect": (
+        "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}Model_statmap.nii.gz"
+    ),
+    "model_logp": "space-{space}_contrast-{contrast}_stat-logp_desc-{jacobian}Model_statmap.nii.gz",
+    "model_logp_fwe": (
+        "space-{space}_contrast-{contrast}_stat-logpFWE_desc-{jacobian}Model_statmap.nii.gz"
+    ),
+    "model_tfce": "space-{space}_contrast-{contrast}_stat-tfce_desc-{jacobian}Model_statmap.nii.gz",
+    "model_logp_tfce_fwe": (
+        "space-{space}_contrast-{contrast}_stat-logpTFCEFWE_desc-{jacobian}Model_statmap.nii.gz"
+    ),
+    "model_clusters": "space-{space}_contrast-{contrast}_desc-{jacobian}Model_clusters.tsv",
 }
 # Names of mninorm 0.1's group outputs, which pybids took for participants' T1w, logjacobian and qc
 # files: the group level removes them (it rewrites their content under the names above).
@@ -184,9 +201,9 @@ def _group_name_pattern(template: str) -> re.Pattern:
         "jacobian": r"(?:total|nonlinear)",
         "contrast": r"(?P<contrast>[A-Za-z0-9]+)",
     }
-    parts = re.split(r"(\{[a-z]+\})", template.removesuffix(".nii.gz"))
+    parts = re.split(r"(\{[a-z]+\})", template.removesuffix(".nii.gz").removesuffix(".tsv"))
     body = "".join(fields[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
-    return re.compile(rf"^{body}\.(?:nii\.gz|json)$")
+    return re.compile(rf"^{body}\.(?:nii\.gz|tsv|json)$")
 
 
 _GROUP_PATTERNS = {kind: _group_name_pattern(t) for kind, t in GROUP_SPACE_OUTPUTS.items()}

@@ -34,7 +34,8 @@ from bids_app.outputs.record import (
 from bids_app.outputs.source import T1wInput
 from bids_app.participant.brain import Attempt, BrainExtraction
 from bids_app.participant.headstart import write_start
-from bids_app.settings import OutputSpace, Settings
+from bids_app.settings import Settings
+from bids_app.spaces import OutputSpace
 from bids_app.templates import Template
 
 log = logging.getLogger(__name__)

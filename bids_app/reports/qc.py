@@ -28,7 +28,7 @@ from bids_app.measures.similarity import MI_BINS, correlation, dice, mutual_info
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.record import RunRecord, read_run_record
 from bids_app.outputs.source import T1wInput
-from bids_app.settings import OutputSpace, parse_output_space
+from bids_app.spaces import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
 

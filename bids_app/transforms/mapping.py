@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.errors import MissingInputError, NothingMatchedError, UsageError
-from bids_app.settings import NATIVE_SPACE
+from bids_app.spaces import NATIVE_SPACE
 from bids_app.transforms.orientation import lps_ras_flip
 
 log = logging.getLogger(__name__)
