@@ -82,6 +82,8 @@ GROUP_SPACE_OUTPUTS = {
     "brain_probseg": "space-{space}_label-brain_probseg.nii.gz",
     "logjac_mean": "space-{space}_stat-mean_desc-{jacobian}_statmap.nii.gz",
     "logjac_sd": "space-{space}_stat-sd_desc-{jacobian}_statmap.nii.gz",
+    # only when some participant has a lesion mask (group/lesions.py)
+    "lesion_free_count": "space-{space}_stat-count_desc-lesionfree_statmap.nii.gz",
     "t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}_statmap.nii.gz",
     "effect": "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}_statmap.nii.gz",
     "F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}_statmap.nii.gz",
