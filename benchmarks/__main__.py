@@ -5,6 +5,7 @@ python -m benchmarks run --out bench_results/               # the full run (hour
 python -m benchmarks run --cases ds01-2mm --settings greedy,mninorm-fast --force
 python -m benchmarks report --out bench_results/            # rebuild results.md from the CSV
 python -m benchmarks heads --out bench_heads/               # whole-head brain extraction (~1 h)
+python -m benchmarks lesion --out bench_lesion/             # lesions, with and without mask
 python -m benchmarks stats --out bench_stats/               # group statistics (synthetic cohorts)
 """
 
@@ -61,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="rebuild heads.md from heads.csv, run nothing"
     )
     heads.add_argument("-v", "--verbose", action="store_true")
+    lesion = commands.add_parser(
+        "lesion", help="synthetic lesions registered with and without their mask (lesion.py)"
+    )
+    lesion.add_argument("--out", type=Path, default=Path("bench_lesion"), help="results folder")
+    lesion.add_argument("--cases", type=_names, help="comma-separated lesion cases (all but tiny)")
+    lesion.add_argument("--preset", default="precise", help="mninorm --preset (default: precise)")
+    lesion.add_argument("--threads", type=int, default=2, help="threads of every run (2)")
+    lesion.add_argument("--seed", type=int, default=None, help="random seed of every run")
+    lesion.add_argument("--force", action="store_true", help="re-run rows already in the CSV")
+    lesion.add_argument("-v", "--verbose", action="store_true")
     stats = commands.add_parser(
         "stats", help="group statistics on synthetic cohorts (benchmarks/group_stats.py)"
     )
@@ -116,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_heads(
             args.out, args.cases, args.settings, args.threads, args.force, args.report_only
         )
+    if args.command == "lesion":
+        for name in THREAD_VARIABLES:  # scoring reads transforms with ANTs in this process
+            os.environ[name] = str(args.threads)
+        from benchmarks.lesion import run as run_lesion
+        from benchmarks.runner import DEFAULT_SEED
+
+        seed = DEFAULT_SEED if args.seed is None else args.seed
+        return run_lesion(args.out, args.cases, args.preset, args.threads, seed, args.force)
     if args.command == "stats":
         from benchmarks.group_stats import StatsSettings
         from benchmarks.group_stats import run as run_stats
