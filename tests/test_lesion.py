@@ -305,7 +305,7 @@ def _lesion_coloured_pixels(png: Path) -> int:
     return int((np.abs(rgb - target).max(axis=-1) < 40).sum())
 
 
-def test_the_report_figures_outline_the_lesion(lesion_run):
+def test_the_report_figures_outline_the_lesion(lesion_run, tmp_path):
     from bids_app.reports.figures import plot_brain_mask
 
     out = lesion_run["out"]
@@ -320,7 +320,7 @@ def test_the_report_figures_outline_the_lesion(lesion_run):
     anat = _anat(out, "01")
     plain = plot_brain_mask(
         nib.load(anat / "sub-01_desc-preproc_T1w.nii.gz"),
-        nib.load(anat / "sub-01_desc-brain_mask.nii.gz"), out / "plain.png",
+        nib.load(anat / "sub-01_desc-brain_mask.nii.gz"), tmp_path / "plain.png",
     )  # fmt: skip
     assert _lesion_coloured_pixels(plain) == 0
     page = (out / "sub-01.html").read_text()
