@@ -105,6 +105,9 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    rerun: bool = False  # redo every T1w, even those whose outputs are complete and unchanged
+    bids_database_dir: Path | None = None  # where pybids' index is saved and reused
+    dask_scheduler: str | None = None  # a running Dask scheduler's address: participants go there
     # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real
     # ones, or the tests' fake. It must pickle: participants run in spawned processes.
     engines: EngineFactory = field(default=get_engine, compare=False, repr=False)

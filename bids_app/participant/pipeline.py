@@ -21,6 +21,7 @@ from bids_app import logs, progress
 from bids_app.errors import BrainExtractionError, MninormError
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.provenance import RunInfo, utc_now
+from bids_app.participant import resume
 from bids_app.participant.brain import BrainExtraction
 from bids_app.participant.discovery import T1wInput
 from bids_app.participant.headstart import write_start
@@ -48,6 +49,10 @@ class Templates:
 
     spaces: dict  # template name -> TemplateSet
     brain: Template | None  # the head brain extraction registers to (None: the first space's)
+
+
+# The summary's word for a T1w that resume skipped (its outputs were complete and unchanged)
+SKIPPED = "ok (unchanged since its last run: skipped)"
 
 
 @dataclass(frozen=True)
@@ -516,7 +521,8 @@ def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: 
         log, progress.T1wStarted(t1w.subject, prefix, t1w.relpath),
         "sub-%s: %s started (run %s)", t1w.subject, t1w.relpath, run.run_uuid,
     )  # fmt: skip
-    record = {"Source": drv.bids_uri(t1w.relpath)}
+    record = {"Source": drv.bids_uri(t1w.relpath), **_resume_fields(t1w, settings)}
+    resume.mark_started(settings, t1w, {**record, "StartTime": started})
     try:
         outcome = process_t1w(t1w, settings, templates, work_dir, record)
     except MninormError as err:
@@ -532,6 +538,13 @@ def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: 
         "ok" if outcome.ok else "failed", drv.run_record_path(settings.output_dir, t1w),
     )  # fmt: skip
     return outcome
+
+
+def _resume_fields(t1w: T1wInput, settings: Settings) -> dict:
+    try:
+        return resume.resume_record(resume.fingerprint(t1w, settings))
+    except OSError:  # an unreadable input: loading it fails and says so
+        return {}
 
 
 def _write_report(subject: str, settings: Settings) -> None:
