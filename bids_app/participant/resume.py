@@ -167,9 +167,9 @@ def _nifti_problem(path: Path) -> str | None:
 
     img = nib.load(str(path))
     header = img.header
-    expected = (
-        int(header.get_data_offset()) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
-    )
+    # Where the data really start (a header's vox_offset of 0 means 'right after it')
+    offset = int(img.dataobj.offset)
+    expected = offset + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
     if path.name.endswith(".gz"):
         # gzip's trailer holds the uncompressed size (mod 2**32): a truncated file fails this.
         with open(path, "rb") as stream:
