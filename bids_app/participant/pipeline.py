@@ -523,6 +523,7 @@ def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: 
     )  # fmt: skip
     record = {"Source": drv.bids_uri(t1w.relpath), **_resume_fields(t1w, settings)}
     resume.mark_started(settings, t1w, {**record, "StartTime": started})
+    resume.remove_partial_files(settings, t1w)
     try:
         outcome = process_t1w(t1w, settings, templates, work_dir, record)
     except MninormError as err:
@@ -607,12 +608,18 @@ def run_participants(
     by the participants; a participant's process sends its records here through a queue.
     """
     parallel = 1 if settings.in_process else settings.parallel_participants
+    if settings.dask_scheduler:
+        parallel = len(by_subject)  # the cluster's workers decide; all are sent at once
     start = progress.RunStarted(
         tuple(by_subject), tuple(len(t1ws) for t1ws in by_subject.values()), settings.templates,
         parallel,
     )  # fmt: skip
     progress.announce(log, start, "%d participant(s), %d at a time", len(by_subject), parallel)
     try:
+        if settings.dask_scheduler:
+            from bids_app.participant.cluster import run_on_cluster
+
+            return run_on_cluster(by_subject, settings, templates, run, verbosity)
         if settings.in_process:
             return [
                 outcome

@@ -93,6 +93,14 @@ def mark_started(settings: Settings, t1w: T1wInput, record: dict) -> None:
         log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
 
 
+def remove_partial_files(settings: Settings, t1w: T1wInput) -> None:
+    """The temporary files of a killed run of ``t1w`` (atomic writes' ``.<name>.part``): the
+    new run writes its own, and nothing else would remove them."""
+    prefix = drv.source_prefix(t1w)
+    for path in drv.anat_dir(settings.output_dir, t1w).glob(f".{prefix}_*.part*"):
+        path.unlink(missing_ok=True)
+
+
 def decide(t1w: T1wInput, settings: Settings, print_: Fingerprint) -> Decision:
     """Skip only a T1w whose record ended well, with the same fingerprint, and whose outputs are
     all there and loadable."""
