@@ -5,6 +5,7 @@ python -m benchmarks run --out bench_results/               # the full run (hour
 python -m benchmarks run --cases ds01-2mm --settings greedy,mninorm-fast --force
 python -m benchmarks report --out bench_results/            # rebuild results.md from the CSV
 python -m benchmarks heads --out bench_heads/               # whole-head brain extraction (~1 h)
+python -m benchmarks scale --out bench_scale/               # indexing and resume at scale (~5 min)
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="rebuild heads.md from heads.csv, run nothing"
     )
     heads.add_argument("-v", "--verbose", action="store_true")
+    scale = commands.add_parser(
+        "scale", help="indexing a large dataset, resuming a finished run (benchmarks/scale.py)"
+    )
+    scale.add_argument("--out", type=Path, default=Path("bench_scale"), help="results folder")
+    scale.add_argument("--parts", type=_names, default=["index", "resume"], help="index,resume")
+    scale.add_argument("--participants", type=int, default=1000, help="dataset size (1000)")
+    scale.add_argument("--requested", type=int, default=10, help="participants asked for (10)")
+    scale.add_argument(
+        "--whole", action="store_true", help="also time pybids indexing the whole dataset"
+    )
+    scale.add_argument(
+        "--resume-participants", type=int, default=20, help="participants of the resume part (20)"
+    )
     return parser
 
 
@@ -81,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_heads(
             args.out, args.cases, args.settings, args.threads, args.force, args.report_only
         )
+    if args.command == "scale":
+        from benchmarks.scale import run as run_scale
+
+        return run_scale(
+            args.out, args.parts, args.participants, args.requested, args.whole,
+            args.resume_participants,
+        )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows
         from benchmarks.runner import write_report

@@ -32,12 +32,13 @@ def cluster():
     """Two single-threaded workers, each in its own (non-daemonic) process."""
     dask = pytest.importorskip("dask")
     distributed = pytest.importorskip("distributed")
+    # For the nannies' first workers and for the ones they start again after a kill
     with dask.config.set({"distributed.worker.daemon": False}):
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         )
-    yield cluster
-    cluster.close()
+        yield cluster
+        cluster.close()
 
 
 def test_without_the_extra_the_option_names_it(dataset, tmp_path, monkeypatch, capfd):
