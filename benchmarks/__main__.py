@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "scale", help="indexing a large dataset, resuming a finished run (benchmarks/scale.py)"
     )
     scale.add_argument("--out", type=Path, default=Path("bench_scale"), help="results folder")
-    scale.add_argument("--parts", type=_names, default=["index", "resume"], help="index,resume")
+    scale.add_argument(
+        "--parts", type=_names, default=["index", "resume"], help="index,resume,dask (index,resume)"
+    )
     scale.add_argument("--participants", type=int, default=1000, help="dataset size (1000)")
     scale.add_argument("--requested", type=int, default=10, help="participants asked for (10)")
     scale.add_argument(

@@ -11,6 +11,8 @@ finished run, on this machine, each measured in a fresh process.
   fake engine (``tests/fakes.py``: no registration) and then again three ways: unchanged (every
   T1w must be skipped: its run record's identifier unchanged), with another preset (every T1w
   redone), with one input changed (that one redone).
+- ``dask``: the same participants' first run with the local executor (``--nthreads 2
+  --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
 
 Results: ``<out>/scale.json`` and the lines printed.
 """
@@ -252,6 +254,36 @@ def bench_resume(out: Path, participants: int) -> dict:
     return {"participants": participants, "rows": rows}
 
 
+def bench_dask(out: Path, participants: int) -> dict:
+    """The resume part's dataset, first run, with the local executor (--nthreads 2
+    --omp-nthreads 1) and on a LocalCluster of 2 single-threaded worker processes."""
+    import dask
+    import distributed
+
+    templateflow, root = make_resume_inputs(out, participants)
+    rows = {}
+    local_out, dask_out = out / "dask_local_out", out / "dask_cluster_out"
+    for folder in (local_out, dask_out):
+        shutil.rmtree(folder, ignore_errors=True)
+    rows["local executor, --nthreads 2 --omp-nthreads 1"] = _mninorm(root, local_out, templateflow)
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        try:
+            rows["LocalCluster, 2 workers of 1 thread"] = _mninorm(
+                root, dask_out, templateflow, "--dask-scheduler", cluster.scheduler_address
+            )
+        finally:
+            cluster.close()
+    for name, row in rows.items():
+        print(
+            f"dask, {participants} participants, {name}: {row['seconds']:.1f} s "
+            f"(process {row['process_seconds']:.1f} s; exit {row['code']})"
+        )
+    return {"participants": participants, "rows": rows}
+
+
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
         resume_participants: int) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +293,8 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
         results["index"] = bench_index(out, participants, requested, whole)
     if "resume" in parts:
         results["resume"] = bench_resume(out, resume_participants)
+    if "dask" in parts:
+        results["dask"] = bench_dask(out, resume_participants)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {results_path}")
     return 0
