@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument("--out", type=Path, default=Path("bench_scale"), help="results folder")
     scale.add_argument(
-        "--parts", type=_names, default=["index", "resume"], help="index,resume,dask (index,resume)"
+        "--parts",
+        type=_names,
+        default=["index", "resume"],
+        help="index,resume,dask,group (index,resume)",
     )
     scale.add_argument("--participants", type=int, default=1000, help="dataset size (1000)")
     scale.add_argument("--requested", type=int, default=10, help="participants asked for (10)")
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument(
         "--resume-participants", type=int, default=20, help="participants of the resume part (20)"
+    )
+    scale.add_argument(
+        "--group-participants", type=int, default=1000, help="participants of the group part"
     )
     return parser
 
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_scale(
             args.out, args.parts, args.participants, args.requested, args.whole,
-            args.resume_participants,
+            args.resume_participants, args.group_participants,
         )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows

@@ -11,6 +11,9 @@ finished run, on this machine, each measured in a fresh process.
   fake engine (``tests/fakes.py``: no registration) and then again three ways: unchanged (every
   T1w must be skipped: its run record's identifier unchanged), with another preset (every T1w
   redone), with one input changed (that one redone).
+- ``group``: ``--group-participants`` synthetic participants' outputs on the 2 mm grid
+  (``benchmarks/synth_group.py``), their total log-Jacobian maps' mean and SD accumulated by
+  ``bids_app/group/accumulate.py`` with 1 and 2 worker processes (time, peak memory).
 - ``dask``: the same participants' first run with the local executor (``--nthreads 2
   --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
 
@@ -284,8 +287,62 @@ def bench_dask(out: Path, participants: int) -> dict:
     return {"participants": participants, "rows": rows}
 
 
+_GROUP_CHILD = """
+import sys, time, json, resource
+from pathlib import Path
+import nibabel as nib
+from bids_app.group.accumulate import accumulate
+from bids_app.group.collect import Grid
+workers = int(sys.argv[2])
+paths = sorted(Path(sys.argv[1]).glob("sub-*/anat/*_res-2_desc-total_logjacobian.nii.gz"))
+participants = [(path,) for path in paths]
+first = nib.load(paths[0])
+grid = Grid(first.shape, first.affine, "bench")
+start = time.perf_counter()
+stats = accumulate(participants, grid, workers=workers)
+seconds = time.perf_counter() - start
+kib = lambda who: resource.getrusage(who).ru_maxrss
+print(json.dumps({"seconds": seconds, "participants": stats.count, "shape": list(first.shape),
+                  "peak_mb_parent": kib(resource.RUSAGE_SELF) / 1024,
+                  "peak_mb_largest_worker": kib(resource.RUSAGE_CHILDREN) / 1024}))
+"""
+
+
+def bench_group(out: Path, participants: int) -> dict:
+    """Synthetic participant outputs on MNI152NLin2009cAsym's 2 mm grid (benchmarks/synth_group.py),
+    then the mean and SD of the total log-Jacobian maps with 1 and 2 worker processes."""
+    cohort = out / f"group_{participants}"
+    if not (cohort / "out" / "synthetic_truth.json").is_file():
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "synth_group.py"), "make",
+             str(cohort / "bids"), str(cohort / "out"), "--participants", str(participants),
+             "--space", "MNI152NLin2009cAsym:res-2"],
+            check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        print(
+            f"{participants} synthetic participants written in "
+            f"{time.perf_counter() - started:.0f} s"
+        )
+    rows = {}
+    for workers in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-c", _GROUP_CHILD, str(cohort / "out"), str(workers)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        rows[f"{workers} worker(s)"] = row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(
+            f"group, {row['participants']} participants on the 2 mm grid, {workers} worker(s): "
+            f"{row['seconds']:.1f} s; peak memory {row['peak_mb_parent']:.0f} MB (parent), "
+            f"{row['peak_mb_largest_worker']:.0f} MB (largest worker)"
+        )
+    return {"participants": participants, "rows": rows}
+
+
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
-        resume_participants: int) -> int:  # fmt: skip
+        resume_participants: int, group_participants: int = 1000) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -295,6 +352,8 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
         results["resume"] = bench_resume(out, resume_participants)
     if "dask" in parts:
         results["dask"] = bench_dask(out, resume_participants)
+    if "group" in parts:
+        results["group"] = bench_group(out, group_participants)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {results_path}")
     return 0
