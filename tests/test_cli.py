@@ -288,7 +288,7 @@ def test_rerun_of_one_participant_keeps_the_others_and_leaves_no_partial_files(r
     code = main(
         [str(run["root"]), str(out), "participant", "--participant-label", "sub-02",
          "--output-spaces", SPACE, f"{SPACE}:res-2", "--preset", "fast",
-         "--skip-bids-validation", "--in-process"],
+         "--skip-bids-validation", "--in-process", "--rerun"],
         engines=dataset_engines(),
     )  # fmt: skip
     assert code == ExitCode.OK
