@@ -12,8 +12,9 @@ finished run, on this machine, each measured in a fresh process.
   T1w must be skipped: its run record's identifier unchanged), with another preset (every T1w
   redone), with one input changed (that one redone).
 - ``group``: ``--group-participants`` synthetic participants' outputs on the 2 mm grid
-  (``benchmarks/synth_group.py``), their total log-Jacobian maps' mean and SD accumulated by
-  ``bids_app/group/accumulate.py`` with 1 and 2 worker processes (time, peak memory).
+  (``benchmarks/synth_group.py``; at most 100 distinct ones, read again in turn), their total
+  log-Jacobian maps' mean and SD accumulated by ``bids_app/group/accumulate.py`` with 1 and 2
+  worker processes (time, peak memory).
 - ``dask``: the same participants' first run with the local executor (``--nthreads 2
   --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
 
@@ -295,7 +296,8 @@ from bids_app.group.accumulate import accumulate
 from bids_app.group.collect import Grid
 workers = int(sys.argv[2])
 paths = sorted(Path(sys.argv[1]).glob("sub-*/anat/*_res-2_desc-total_logjacobian.nii.gz"))
-participants = [(path,) for path in paths]
+count = int(sys.argv[3])
+participants = [(paths[i % len(paths)],) for i in range(count)]
 first = nib.load(paths[0])
 grid = Grid(first.shape, first.affine, "bench")
 start = time.perf_counter()
@@ -309,15 +311,18 @@ print(json.dumps({"seconds": seconds, "participants": stats.count, "shape": list
 
 
 def bench_group(out: Path, participants: int) -> dict:
-    """Synthetic participant outputs on MNI152NLin2009cAsym's 2 mm grid (benchmarks/synth_group.py),
+    """Synthetic participant outputs on MNI152NLin6Asym's 2 mm grid (benchmarks/synth_group.py),
     then the mean and SD of the total log-Jacobian maps with 1 and 2 worker processes."""
-    cohort = out / f"group_{participants}"
+    # Writing a synthetic participant takes seconds here: at most 100 are written, and a larger
+    # cohort reads them again in turn (each file read and decompressed every time).
+    unique = min(participants, 100)
+    cohort = out / f"group_{unique}"
     if not (cohort / "out" / "synthetic_truth.json").is_file():
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "synth_group.py"), "make",
-             str(cohort / "bids"), str(cohort / "out"), "--participants", str(participants),
-             "--space", "MNI152NLin2009cAsym:res-2"],
+             str(cohort / "bids"), str(cohort / "out"), "--participants", str(unique),
+             "--space", "MNI152NLin6Asym:res-2"],
             check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -328,7 +333,8 @@ def bench_group(out: Path, participants: int) -> dict:
     rows = {}
     for workers in (1, 2):
         done = subprocess.run(
-            [sys.executable, "-c", _GROUP_CHILD, str(cohort / "out"), str(workers)],
+            [sys.executable, "-c", _GROUP_CHILD, str(cohort / "out"), str(workers),
+             str(participants)],
             capture_output=True, text=True, check=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
@@ -338,7 +344,7 @@ def bench_group(out: Path, participants: int) -> dict:
             f"{row['seconds']:.1f} s; peak memory {row['peak_mb_parent']:.0f} MB (parent), "
             f"{row['peak_mb_largest_worker']:.0f} MB (largest worker)"
         )
-    return {"participants": participants, "rows": rows}
+    return {"participants": participants, "distinct_participants": unique, "rows": rows}
 
 
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
