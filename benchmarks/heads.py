@@ -164,8 +164,9 @@ def _reference_in_process(t1w: Path, mask_path: Path, figure: Path) -> None:
 
     from bids_app.participant.bias import correct_bias
     from bids_app.participant.brain import BrainTemplate, extract_brain, extraction_plans
-    from bids_app.participant.images import ants_to_nifti, load_t1w, nifti_to_ants
+    from bids_app.participant.images import load_t1w
     from bids_app.registration import get_engine
+    from bids_app.transforms.orientation import ants_to_nifti, nifti_to_ants
 
     def template(name):
         head = api.get(name, resolution=1, desc=None, suffix="T1w", extension=".nii.gz")

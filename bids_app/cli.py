@@ -1,17 +1,20 @@
-"""The ``mninorm`` command: the BIDS Apps command line, and the one place that turns errors into
-exit codes (see ``errors.ExitCode``)."""
+"""The ``mninorm`` command: the BIDS Apps command line. Errors become exit codes (see
+``errors.ExitCode``) in ``console.run_command``, as for ``mninorm-transform``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from bids_app import __version__
+from bids_app.console import open_console, run_command
 from bids_app.errors import ExitCode, MninormError, UsageError
 from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
 from bids_app.outputs.provenance import RunInfo, start_run
@@ -29,6 +32,8 @@ from bids_app.settings import (
 
 log = logging.getLogger("bids_app")
 
+# What Ctrl-C or SIGTERM ends the participant level with (exit code 130)
+INTERRUPTED = "interrupted: the participants not finished have no complete outputs; run again"
 THREAD_VARIABLES = (
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
     "OMP_NUM_THREADS",
@@ -54,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             "input; 17 unknown analysis level; 18 labels or filters matched nothing; 64 usage "
             "error; 65 --group-by gave no group comparison (the other group outputs are written); "
             "66 missing input (group level: no participant results in output_dir); 69 template "
-            "unavailable offline; 130 interrupted."
+            "unavailable offline; 130 interrupted (Ctrl-C or SIGTERM)."
         ),
     )
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -154,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for one participant (default: --nthreads, up to 8); participants run in "
         "parallel when --nthreads allows more than one",
     )  # fmt: skip
+    run.add_argument(
+        "--mem-mb", "--mem_mb", type=int, metavar="MB",
+        help="memory (MiB) the participants running at once may use together, as fMRIPrep's "
+        "--mem: fewer run at once if their estimated peaks would exceed it, and a participant "
+        "that alone would exceed it fails with that reason instead of being killed (default: "
+        "no limit; the threads decide)",
+    )  # fmt: skip
 
     group = parser.add_argument_group("group level")
     group.add_argument(
@@ -196,6 +208,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         raise _UnknownLevel(args.analysis_level)
     if args.nthreads < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nthreads and --omp-nthreads must be at least 1")
+    if args.mem_mb is not None and args.mem_mb < 1:
+        raise UsageError(f"--mem-mb must be at least 1 (MiB), not {args.mem_mb}")
     if args.random_seed < 0:
         raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
     if args.analysis_level != "group" or args.bids_dir.exists():
@@ -204,6 +218,9 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         check_folders(args.bids_dir, args.output_dir, args.work_dir)
     spaces = parse_output_spaces(args.output_spaces)
     omp = min(args.omp_nthreads or min(args.nthreads, 8), args.nthreads)
+    group_level = args.analysis_level == "group"
+    if args.group_by and not group_level:
+        log.warning("--group-by is used only at the group level: ignored")
     return Settings(
         bids_dir=args.bids_dir.resolve(),
         output_dir=args.output_dir.resolve(),
@@ -224,6 +241,9 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         brain_template_required=args.brain_template is not None,
         fallback=not args.no_fallback,
         in_process=args.in_process,
+        mem_mb=args.mem_mb,
+        reports_only=args.reports_only,
+        group_by=args.group_by if group_level else None,
         rerun=args.rerun,
         bids_database_dir=args.bids_database_dir.resolve() if args.bids_database_dir else None,
         dask_scheduler=args.dask_scheduler,
@@ -245,31 +265,41 @@ def main(argv: list[str] | None = None, *, engines: EngineFactory = get_engine) 
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = Verbosity(args.verbose - args.quiet)
-    with console_logging(verbosity):
-        return _run(args, run, verbosity, engines)
+    with console_logging(verbosity), _sigterm_interrupts():
+        return run_command(
+            lambda: _run(args, run, verbosity, engines), debug=args.debug, interrupted=INTERRUPTED
+        )
 
 
 def _run(
     args: argparse.Namespace, run: RunInfo, verbosity: Verbosity, engines: EngineFactory
 ) -> int:
+    settings = settings_from_args(args, engines)
+    _set_thread_environment(settings.omp_nthreads)
+    if settings.analysis_level == "group":
+        return run_group(settings)
+    if settings.reports_only:
+        return run_reports_only(settings)
+    return run_participant_level(settings, run, verbosity)
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's or ``docker stop``'s) as Ctrl-C: the run stops its participants'
+    processes and removes its temporary folder instead of dying on the spot. Only where a signal
+    handler may be set (the main thread: tests call ``main`` from others)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        settings = settings_from_args(args, engines)
-        _set_thread_environment(settings.omp_nthreads)
-        if settings.analysis_level == "group":
-            return run_group(settings, args.group_by)
-        if args.group_by:
-            log.warning("--group-by is used only at the group level: ignored")
-        if args.reports_only:
-            return run_reports_only(settings)
-        return run_participant_level(settings, run, verbosity)
-    except MninormError as err:
-        if args.debug:
-            raise
-        log.error("%s", err)
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return int(ExitCode.INTERRUPTED)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
@@ -295,8 +325,14 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     for subject in selection.subjects_without_t1w:
         log.error("sub-%s: no T1w image found (anat/*_T1w.nii[.gz]); skipped", subject)
     templates = resolve_templates(settings)
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
-    derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        derivatives.write_dataset_files(settings.output_dir, settings.bids_dir)
+    except OSError as err:  # not writable, not a folder, disk full: before any participant
+        raise MninormError(
+            f"cannot write in output_dir {settings.output_dir} ({err}); choose a folder you can "
+            "write to, or fix its permissions or free space, then run again"
+        ) from err
     count = sum(len(t1ws) for t1ws in selection.t1w_by_subject.values())
     log.info(
         "%d T1w image(s) of %d participant(s); spaces: %s; preset %s; %d thread(s) each",
@@ -330,7 +366,7 @@ def run_reports_only(settings: Settings) -> int:
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
 
 
-def run_group(settings: Settings, group_by: str | None = None) -> int:
+def run_group(settings: Settings) -> int:
     from bids_app.group import GroupSettings
     from bids_app.group import run_group as run
 
@@ -338,7 +374,7 @@ def run_group(settings: Settings, group_by: str | None = None) -> int:
         GroupSettings(
             output_dir=settings.output_dir,
             bids_dir=settings.bids_dir,  # may be absent: only --group-by needs it
-            group_by=group_by,
+            group_by=settings.group_by,
             participant_labels=settings.participant_labels,
             session_labels=settings.session_labels,
         )
@@ -380,8 +416,6 @@ def console_logging(verbosity: Verbosity):
     """While ``mninorm`` runs: the console (``console.ConsoleHandler``) is the root logger's one
     handler, other packages' loggers are quietened, warnings go through logging. The root logger's
     handlers and level come back afterwards (tests call ``main`` in their process)."""
-    from bids_app.console import open_console
-
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     console = open_console(verbosity)

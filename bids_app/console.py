@@ -1,4 +1,6 @@
-"""The console of ``mninorm``: the one log handler the CLI puts on the root logger.
+"""The console of ``mninorm`` and ``mninorm-transform``: how both commands end (``run_command``,
+the one map of exceptions to exit codes), and the one log handler ``mninorm`` puts on the root
+logger.
 
 It shows log records as lines and draws the progress events (``progress``) of a participant-level
 run in one of two views, chosen by where stderr goes:
@@ -20,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -32,6 +35,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from bids_app.errors import ExitCode, MninormError
 from bids_app.logs import DATE_FORMAT, Verbosity
 from bids_app.progress import (
     PROGRESS_ATTRIBUTE,
@@ -46,6 +50,42 @@ from bids_app.progress import (
 )
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+log = logging.getLogger(__name__)
+
+
+# ---- how a command ends -----------------------------------------------------------------------
+
+
+def exit_code_for(error: BaseException) -> ExitCode | None:
+    """The exit code of an error a command reports as one line; None for an unexpected error,
+    which keeps its traceback (a bug to report)."""
+    if isinstance(error, MninormError):
+        return error.exit_code  # each error class carries its code (errors.py)
+    if isinstance(error, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return None
+
+
+def run_command(
+    command: Callable[[], int | None], *, debug: bool = False, interrupted: str = "interrupted"
+) -> int:
+    """Run a command's body and return its exit code: its own, or OK when it returns None.
+
+    An error with an exit code (``exit_code_for``) is logged as one line, ``interrupted`` for
+    Ctrl-C; with ``debug`` the command's errors propagate with their traceback (not Ctrl-C: it
+    always stops quietly).
+    """
+    try:
+        code = command()
+    except BaseException as err:  # Ctrl-C is no Exception
+        exit_code = exit_code_for(err)
+        stopped = isinstance(err, KeyboardInterrupt)
+        if exit_code is None or (debug and not stopped):
+            raise
+        log.error("%s", interrupted if stopped else err)
+        return int(exit_code)
+    return int(ExitCode.OK if code is None else code)
 
 
 class ConsoleHandler(logging.Handler):

@@ -1,7 +1,7 @@
 """The exception hierarchy and the exit codes the command returns.
 
-Exit codes follow the draft BIDS execution spec where it has one; ``cli.main`` is the only place
-that turns exceptions into them.
+Exit codes follow the draft BIDS execution spec where it has one; ``console.run_command`` is the
+only place that turns exceptions into them (for both commands).
 """
 
 from __future__ import annotations
@@ -62,3 +62,12 @@ class BrainExtractionError(MninormError):
 
 class RegistrationError(MninormError):
     """ANTs failed or produced an unusable transform."""
+
+
+class RunRecordError(MninormError):
+    """A run record (``sub-X/log/*_desc-mninorm_run.json``) that cannot be read as one: not JSON,
+    or without a key every record has. Reports and the group level skip its T1w with a warning."""
+
+
+class MemoryBudgetError(MninormError):
+    """A participant alone needs more memory than ``--mem-mb`` allows: it is not started."""

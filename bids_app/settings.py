@@ -105,6 +105,9 @@ class Settings:
     brain_template_required: bool = False  # True when asked for explicitly: absent is an error
     fallback: bool = True  # further brain-extraction attempts when one fails its checks
     in_process: bool = False  # run participants in this process (tests, debugging)
+    mem_mb: int | None = None  # --mem-mb: the memory all running participants share (MiB)
+    reports_only: bool = False  # participant level: rebuild the reports from output_dir only
+    group_by: str | None = None  # group level: the participants.tsv column to compare groups by
     rerun: bool = False  # redo every T1w, even those whose outputs are complete and unchanged
     bids_database_dir: Path | None = None  # where pybids' index is saved and reused
     dask_scheduler: str | None = None  # a running Dask scheduler's address: participants go there

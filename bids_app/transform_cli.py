@@ -2,7 +2,7 @@
 space, using the transforms in an mninorm output folder. Coordinates are RAS+ millimetres.
 
 Exit codes are ``errors.ExitCode``'s; ``EXIT_CODES`` says which this command returns (its --help
-prints them); ``main`` is the one place that turns errors into them.
+prints them); ``console.run_command`` turns errors into them, as for ``mninorm``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 
 from bids_app import __version__
 from bids_app.cli import UsageExitParser, configure_logging
-from bids_app.errors import ExitCode, MissingInputError, MninormError, UsageError
+from bids_app.console import run_command
+from bids_app.errors import ExitCode, MissingInputError, UsageError
 from bids_app.settings import NATIVE_SPACE, is_native_space
 
 log = logging.getLogger("bids_app")
@@ -162,17 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose - args.quiet)
     run = {"points": run_points, "coords": run_coords, "image": run_image, "rois": run_rois}
-    try:
-        run[args.command](args)
-        return int(ExitCode.OK)
-    except MninormError as err:
-        if args.debug:
-            raise
-        log.error("%s", err)
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return int(ExitCode.INTERRUPTED)
+    return run_command(lambda: run[args.command](args), debug=args.debug)
 
 
 # ---- subcommands ------------------------------------------------------------------------------

@@ -99,8 +99,8 @@ class FakeEngine:
 
     def _fields(self, fixed):
         """``displacement`` u and its inverse v ((id + v) = (id + u)^-1) on the fixed grid."""
-        from bids_app.participant.images import ants_to_nifti
         from bids_app.transforms import DisplacementField
+        from bids_app.transforms.orientation import ants_to_nifti
 
         grid = ants_to_nifti(fixed)
         shape, affine = grid.shape[:3], grid.affine
@@ -128,3 +128,35 @@ class FakeEngines:
 
     def __call__(self, name: str, threads: int = 1) -> FakeEngine:
         return FakeEngine(name, self.poses, self.amplitude, self.diverging.get(name, 0), threads)
+
+
+class DyingEngines(FakeEngines):
+    """``FakeEngines`` whose engine, registering a participant of ``doomed``, starts writing an
+    output (``derivatives.atomic_path`` into ``output_dir``) and is then killed with SIGKILL, as
+    the out-of-memory killer does: no ``finally`` runs, the temporary file stays."""
+
+    def __init__(self, doomed, output_dir, poses=None):
+        super().__init__(poses)
+        self.doomed, self.output_dir = tuple(doomed), Path(output_dir)
+
+    def __call__(self, name: str, threads: int = 1) -> FakeEngine:
+        return _DyingEngine(self, name, threads)
+
+
+class _DyingEngine(FakeEngine):
+    def __init__(self, factory: DyingEngines, name: str, threads: int = 1):
+        super().__init__(name, factory.poses, factory.amplitude, threads=threads)
+        self.factory = factory
+
+    def register(self, fixed, moving, *, out_prefix: Path, **kwargs):
+        import signal
+
+        from bids_app.outputs.derivatives import atomic_path
+
+        subject = next((p for p in Path(out_prefix).parts if p in self.factory.doomed), None)
+        if subject is not None:
+            target = self.factory.output_dir / subject / "anat" / f"{subject}_being_written.h5"
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(b"half of a transform")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().register(fixed, moving, out_prefix=out_prefix, **kwargs)

@@ -19,10 +19,10 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.outputs import derivatives as drv
-from bids_app.participant.images import ants_to_nifti
-from bids_app.reports.qc import RunRecord
+from bids_app.reports.qc import T1wRecord
 from bids_app.settings import OutputSpace
 from bids_app.transforms import read_composite
+from bids_app.transforms.orientation import ants_to_nifti
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -65,19 +65,32 @@ def write_itk_composite(path: Path, affine_ras: np.ndarray, field_lps=None) -> P
     return path
 
 
+def _settings(engine: str, preset: str):
+    from bids_app.settings import Settings
+
+    return Settings(
+        bids_dir=Path("bids"), output_dir=Path("out"), analysis_level="participant",
+        engine=engine, preset=preset, random_seed=1,
+    )  # fmt: skip
+
+
 def recorded_provenance(t1w, engine: str, preset: str, stripped_input: bool = False) -> dict:
     """What the pipeline records (``pipeline._provenance``) for a T1w run with this engine and
     preset: the sidecars' "Registration", "BrainMaskMethod", "Software"..."""
     from bids_app.participant.images import HeaderReport
     from bids_app.participant.pipeline import _provenance
-    from bids_app.settings import Settings
 
-    settings = Settings(
-        bids_dir=Path("bids"), output_dir=Path("out"), analysis_level="participant",
-        engine=engine, preset=preset, random_seed=1,
-    )  # fmt: skip
     header = HeaderReport("LIA", (1.0, 1.0, 1.0), (10, 10, 10), ("reoriented LIA -> RAS",))
-    return _provenance(t1w, settings, header, recorded_extraction(engine, stripped_input))
+    return _provenance(
+        t1w, _settings(engine, preset), header, recorded_extraction(engine, stripped_input)
+    )
+
+
+def recorded_registration_entry(engine: str, preset: str) -> dict:
+    """The run record's "Registration" as the pipeline writes it (``_registration_record``)."""
+    from bids_app.participant.pipeline import _registration_record
+
+    return _registration_record(_settings(engine, preset)).to_json()
 
 
 def recorded_extraction(engine: str, stripped_input: bool = False):
@@ -135,6 +148,7 @@ def write_synthetic_outputs(
         "Threads": 1,
         "Outputs": [],
         "Software": {"mninorm": "test"},
+        "Registration": recorded_registration_entry(engine, preset),
     }
     record_path = drv.run_record_path(output_dir, t1w)
     record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +198,7 @@ def write_affine_xfm(affine_ras: np.ndarray, path: Path) -> Path:
 
 
 def drop_nonlinear_stage(
-    output_dir: Path, record: RunRecord, spaces: list[OutputSpace], fetch_template
+    output_dir: Path, record: T1wRecord, spaces: list[OutputSpace], fetch_template
 ) -> None:
     """Rewrite one T1w's template-space outputs as if only the affine stage had run."""
     import ants

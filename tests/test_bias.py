@@ -7,7 +7,7 @@ import pytest
 from conftest import isotropic_grid, nilearn_brain, resample_to_grid
 
 from bids_app.participant.bias import correct_bias
-from bids_app.participant.images import nifti_to_ants
+from bids_app.transforms.orientation import nifti_to_ants
 
 
 @pytest.fixture(scope="module")

@@ -261,6 +261,7 @@ def test_a_full_invocation_renders_the_command_line_it_means(bosh, parser, tmp_p
         "work_dir": "work",
         "nthreads": 4,
         "omp_nthreads": 2,
+        "mem_mb": 8000,
         "dask_scheduler": "tcp://10.0.0.5:8786",
         "group_by": "diagnosis",
         "verbose": True,

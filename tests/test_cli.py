@@ -116,6 +116,27 @@ def test_run_records_name_the_invocation_its_times_and_cpus(run):
         assert record["ParallelParticipants"] == 1
 
 
+# The run record's keys, in the order the pipeline wrote them before RunRecord existed; only
+# "Registration" (the methods text, recorded at run time) is new.
+_INVOCATION_KEYS = ["RunUUID", "CommandLine", "RunStartTime", "CPUCount", "CPUAffinityCount",
+                    "StartTime", "EndTime", "ThreadsTotal", "ParallelParticipants"]  # fmt: skip
+_OUTCOME_KEYS = ["Status", "Error", "TotalSeconds", "OutputSpaces", "Preset", "Engine",
+                 "RandomSeed", "Threads", "Outputs", "Software", "Registration"]  # fmt: skip
+
+
+def test_run_records_keep_their_keys_in_their_order(run):
+    learnt = ["Source", "StepSeconds", "SourceOrientation", "SourceShape", "SourceZoomsMM",
+              "HeaderFixes", "SkullStripDecision"]  # fmt: skip
+    extracted = _record(run["out"], "02", "sub-02")  # its brain extracted: every attempt kept
+    assert list(extracted) == [*learnt, "BrainExtraction", *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    assert extracted["Registration"]["Engine"] and extracted["Registration"]["Methods"]
+    stripped = _record(run["out"], "01", "sub-01_ses-1_run-1")  # skull-stripped already
+    assert stripped["SkullStripDecision"] == "auto: input already skull-stripped"
+    assert list(stripped) == [*learnt, *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    failed = _record(run["out"], "03", "sub-03")  # failed on loading: nothing learnt about it
+    assert list(failed) == ["Source", "StepSeconds", *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+
+
 def test_the_report_tells_about_the_run(run):
     record = _record(run["out"], "01", "sub-01_ses-1_run-1")
     page = (run["out"] / "sub-01.html").read_text()
@@ -433,6 +454,58 @@ def test_version_and_group_level(dataset, tmp_path):
     group = _run_cli(root, tmp_path / "out", "group")  # nothing processed there (test_group.py)
     assert group.returncode == ExitCode.MISSING_INPUT
     assert "no participant-level results in" in group.stderr and "Traceback" not in group.stderr
+
+
+@pytest.mark.parametrize(
+    ("level", "extra", "group_by", "reports_only", "warned"),
+    [
+        ("group", ["--group-by", "diagnosis"], "diagnosis", False, False),
+        ("participant", ["--group-by", "diagnosis"], None, False, True),  # ignored, said so
+        ("participant", ["--reports-only"], None, True, False),
+        ("participant", [], None, False, False),
+    ],
+)
+def test_group_and_report_options_are_in_the_settings(
+    tmp_path, caplog, level, extra, group_by, reports_only, warned
+):
+    (tmp_path / "bids").mkdir()
+    args = build_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), level, *extra])
+    settings = settings_from_args(args)
+    assert (settings.group_by, settings.reports_only) == (group_by, reports_only)
+    assert ("--group-by is used only at the group level: ignored" in caplog.text) == warned
+
+
+# The command in a fresh process (ITK reads its thread count when ants is first imported), with
+# the one function that sets the thread variables watched: how often, with what, and whether ants
+# was imported by then. The run then stops at the empty input folder.
+_THREADS_WATCHED = """
+import json, os, sys
+from bids_app import cli
+
+calls = []
+set_threads = cli._set_thread_environment
+def watched(threads):
+    calls.append({"threads": threads, "ants_imported": "ants" in sys.modules})
+    set_threads(threads)
+cli._set_thread_environment = watched
+code = cli.main(sys.argv[1:])
+variables = {name: os.environ.get(name) for name in cli.THREAD_VARIABLES}
+print(json.dumps({"code": code, "calls": calls, "variables": variables}))
+"""
+
+
+def test_thread_variables_are_set_once_before_ants_is_imported(tmp_path):
+    (tmp_path / "bids").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_WATCHED, str(tmp_path / "bids"), str(tmp_path / "out"),
+         "participant", "--nthreads", "4", "--omp-nthreads", "3"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    seen = json.loads(result.stdout)
+    assert seen["code"] == ExitCode.INVALID_BIDS, result.stderr  # after the variables were set
+    assert seen["calls"] == [{"threads": 3, "ants_imported": False}]
+    assert set(seen["variables"].values()) == {"3"}
 
 
 # ---- one real end-to-end run: Greedy (the default) on sub-02's whole head ----------------------

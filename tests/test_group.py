@@ -490,6 +490,22 @@ def test_partial_or_corrupt_participants_are_skipped_and_the_table_says_why(
     assert sorted(e["Participant"] for e in sidecar["Excluded"]) == [f"sub-{k}" for k in DAMAGES]
 
 
+def test_a_record_this_version_cannot_read_excludes_its_t1w_with_a_warning(tmp_path, grid, caplog):
+    from bids_app.group.collect import find_results
+
+    out = tmp_path / "out"
+    write_cohort(out, grid, {"01": "A", "02": "B"})
+    record = out / "sub-02" / "log" / "sub-02_desc-mninorm_run.json"
+    content = json.loads(record.read_text())
+    content["Spaces"] = content.pop("OutputSpaces")
+    record.write_text(json.dumps(content))
+    with caplog.at_level("WARNING"):
+        first, second = find_results(out)
+    assert first.usable and first.run_ok
+    assert not second.run_ok and "no run record" in second.problem
+    assert str(record) in caplog.text and "lacks OutputSpaces" in caplog.text
+
+
 def _anat(out: Path, label: str) -> Path:
     return out / f"sub-{label}" / "anat"
 

@@ -34,7 +34,7 @@ def _with_neck(head: nib.Nifti1Image, length_mm: float = 150.0) -> nib.Nifti1Ima
 
 
 def _ants(img: nib.Nifti1Image):
-    from bids_app.participant.images import nifti_to_ants
+    from bids_app.transforms.orientation import nifti_to_ants
 
     return nifti_to_ants(nib.as_closest_canonical(img))
 

@@ -197,19 +197,22 @@ def test_records_of_different_engines_are_described_each(tmp_path, fetch_templat
 
 
 def test_an_older_record_is_read_through_its_sidecar(tmp_path, fetch_template):
-    """Records written before the engine was recorded: the sidecar's engine label names it; a
-    preset this version does not know is described by the stages its sidecar recorded, and
-    nothing more is claimed."""
+    """Records written before the engine and its methods text were recorded: the sidecar's engine
+    label names it; the preset is described by the stages its sidecar recorded, and nothing more
+    is claimed."""
     template = fetch_template(TEST_TEMPLATE)
     write_synthetic_outputs(tmp_path, template, engine="ants", preset="fast")
     (record,) = qc.collect_records(tmp_path, "01")
-    content = dict(record.content)
-    del content["Engine"]
+    content = json.loads(record.path.read_text())
+    del content["Engine"], content["Registration"]
     record.path.write_text(json.dumps(content))
+    (record,) = qc.collect_records(tmp_path, "01")
     (spaces,) = qc.spaces_by_template(record).values()
     sidecar_path = drv.sidecar_path(drv.space_path(tmp_path, record.t1w, "t1w", spaces[0]))
     sidecar = json.loads(sidecar_path.read_text())
-    assert recorded_registration(content, sidecar).engine == "ants"
+    registration = recorded_registration(record.content, sidecar)
+    assert registration.engine_label == "ANTsPy antsRegistration"
+    assert registration.stages == get_preset("ants", "fast").description
 
     content["Preset"] = "retired"
     record.path.write_text(json.dumps(content))

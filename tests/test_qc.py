@@ -10,6 +10,7 @@ import pytest
 from conftest import TEST_TEMPLATE
 from qc_cases import write_affine_xfm, write_itk_composite, write_synthetic_outputs
 
+from bids_app.measures import similarity
 from bids_app.reports import qc
 
 
@@ -41,12 +42,12 @@ _NOISE = _RNG.normal(size=5000)
     ],
 )
 def test_correlation(a, b, expected):
-    assert qc.correlation(a, b) == pytest.approx(expected, abs=0.05)
+    assert similarity.correlation(a, b) == pytest.approx(expected, abs=0.05)
 
 
 def test_mutual_information_is_high_for_a_function_of_the_image_and_low_for_noise():
-    same, same_nmi = qc.mutual_information(_A, np.exp(_A))  # nonlinear, one-to-one
-    noise, noise_nmi = qc.mutual_information(_A, _NOISE)
+    same, same_nmi = similarity.mutual_information(_A, np.exp(_A))  # nonlinear, one-to-one
+    noise, noise_nmi = similarity.mutual_information(_A, _NOISE)
     assert same > 2.0 and noise < 0.2
     assert 1.0 <= noise_nmi < 1.05 < 1.5 < same_nmi <= 2.0
 
@@ -61,7 +62,7 @@ def test_mutual_information_is_high_for_a_function_of_the_image_and_low_for_nois
     ],
 )
 def test_dice(a, b, expected):
-    value = qc.dice(np.array(a), np.array(b))
+    value = similarity.dice(np.array(a), np.array(b))
     assert (math.isnan(value) and math.isnan(expected)) or value == pytest.approx(expected)
 
 
@@ -202,3 +203,18 @@ def test_a_missing_output_is_graded_fail_and_named(tmp_path, template):
     result = qc.measure_t1w(tmp_path, record, _fetch(template))
     assert result.status == "fail"
     assert mask.name in result.spaces[0].reasons[0]
+
+
+def test_a_record_with_a_renamed_required_key_is_skipped_with_a_warning(tmp_path, template, caplog):
+    """Issue 14: a renamed key used to read as n/a silently; now the record is named and skipped
+    (as an unreadable one always was)."""
+    kept = write_synthetic_outputs(tmp_path, template, run="1")
+    renamed = write_synthetic_outputs(tmp_path, template, run="2")
+    content = json.loads(renamed.read_text())
+    content["RunStatus"] = content.pop("Status")
+    renamed.write_text(json.dumps(content))
+    with caplog.at_level("WARNING", logger="bids_app.reports.qc"):
+        records = qc.collect_records(tmp_path, "01")
+    assert [record.path for record in records] == [kept]
+    assert str(renamed) in caplog.text and "lacks Status" in caplog.text
+    assert "RunStatus" in caplog.text

@@ -23,11 +23,12 @@ from conftest import (
     warp_image,
 )
 
-from bids_app.participant.images import load_t1w, nifti_to_ants
+from bids_app.participant.images import load_t1w
 from bids_app.registration import get_engine
 from bids_app.registration.greedy import GreedyEngine, to_sitk
 from bids_app.transforms import read_composite
 from bids_app.transforms.jacobian import log_jacobians
+from bids_app.transforms.orientation import nifti_to_ants
 
 ENGINES = ["ants", "greedy"]
 

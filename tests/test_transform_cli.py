@@ -6,12 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import logging_restored
 
+import bids_app
 from bids_app import __version__
 from bids_app.errors import ExitCode
 from bids_app.transform_cli import EXIT_CODES, build_parser, main
@@ -173,3 +181,47 @@ def test_command_line_mistakes_exit_64(args, capsys):
     assert exited.value.code == ExitCode.USAGE
     assert int(ExitCode.USAGE) in DOCUMENTED
     assert "mninorm-transform" in capsys.readouterr().err
+
+
+# ---- Ctrl-C -------------------------------------------------------------------------------------
+
+# mninorm-transform in a process of its own, whose reading of the input table waits (as a large
+# table on a slow disk would) after saying so in the file given first: Ctrl-C comes while it runs.
+_WAITING_COMMAND = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from bids_app import transform_cli
+
+    def slow_read(path):
+        Path(sys.argv[1]).touch()
+        time.sleep(120)
+
+    transform_cli.read_table = slow_read
+    sys.exit(transform_cli.main(sys.argv[2:]))
+    """
+)
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(voxels, tmp_path):
+    waiting = tmp_path / "reading"
+    repository = Path(bids_app.__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WAITING_COMMAND, str(waiting), *voxels],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(repository)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not waiting.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting.exists(), process.communicate(timeout=10)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == ExitCode.INTERRUPTED == 130
+    assert int(ExitCode.INTERRUPTED) in DOCUMENTED
+    assert err.splitlines() == [err.strip()] and err.strip().endswith(" ERROR interrupted")
+    assert out == ""
+    assert not (tmp_path / "xyz.tsv").exists()

@@ -22,7 +22,7 @@ import numpy as np
 
 from bids_app.errors import MissingInputError, MninormError, NothingMatchedError
 from bids_app.outputs import derivatives as drv
-from bids_app.participant.discovery import T1wInput, strip_prefix
+from bids_app.outputs.source import T1wInput, strip_prefix
 from bids_app.reports import qc
 from bids_app.reports.figures import VIEWS
 from bids_app.settings import OutputSpace, parse_output_space
@@ -171,18 +171,18 @@ def _subject_folders(output_dir: Path) -> list[str]:
 def _found_with_records(output_dir: Path, subject: str) -> list[T1wResult]:
     found = []
     for record in qc.collect_records(output_dir, subject):
-        spaces = [parse_output_space(text) for text in record.content.get("OutputSpaces", [])]
+        spaces = [parse_output_space(text) for text in record.content.output_spaces]
         for space in spaces:
             found.append(
                 T1wResult(
                     t1w=record.t1w,
                     space=space,
-                    source=str(record.content.get("Source") or drv.bids_uri(record.t1w.relpath)),
+                    source=record.content.source or drv.bids_uri(record.t1w.relpath),
                     paths=_paths(output_dir, record.t1w, space),
                     run_ok=record.ok,
                     problem=None
                     if record.ok
-                    else f"the participant level failed: {record.content.get('Error') or '?'}",
+                    else f"the participant level failed: {record.content.error or '?'}",
                 )
             )
     return found
@@ -370,10 +370,10 @@ def canonical_array(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def take_preview(canonical: np.ndarray, cuts: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
     """One 2D section per view through ``cuts``, rows going up (superior or anterior)."""
-    from bids_app.reports.figures import _slice
+    from bids_app.reports.figures import take_slice
 
     return tuple(
-        np.array(_slice(canonical, view, cut), dtype=np.float32)
+        np.array(take_slice(canonical, view, cut), dtype=np.float32)
         for view, cut in zip(PREVIEW_VIEWS, cuts, strict=True)
     )
 

@@ -2,10 +2,10 @@
 
 A group page holds a picture for every T1w. Drawn with matplotlib axes (about 25 ms each, plus a
 figure per picture) they would dominate the group level's run time, so they are composed
-directly: grey sections windowed as the participant figures are (``figures._window``), the brain
-outline as the edge pixels of the mask, statistics as a diverging colour overlay above a display
-threshold. Sections are 2D arrays cut from RAS-ordered volumes with rows going up, as
-``figures._slice`` and ``collect.take_preview`` cut them.
+directly: grey sections windowed as the participant figures are (``figures.grey_window``), the
+brain outline as the edge pixels of the mask, statistics as a diverging colour overlay above a
+display threshold. Sections are 2D arrays cut from RAS-ordered volumes with rows going up, as
+``figures.take_slice`` and ``collect.take_preview`` cut them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from bids_app.reports.figures import OUTLINE_COLOURS, VIEWS, _slice, _window
+from bids_app.reports.figures import OUTLINE_COLOURS, VIEWS, grey_window, take_slice
 
 THUMBNAIL_PIXELS = 100  # sections are enlarged or decimated to about this height
 MOSAIC_PIXELS = 150  # (enlarged only: the mosaics keep every voxel of fine grids)
@@ -24,7 +24,7 @@ _AXES = {"sagittal": (1, 2), "coronal": (0, 2), "axial": (0, 1)}  # (column axis
 
 def thumbnail_png(preview: tuple, outline: tuple | None, zooms) -> bytes:
     """One panel per view (``collect.PREVIEW_VIEWS`` order) side by side, outline in green."""
-    vmin, vmax = _window(np.concatenate([s.ravel() for s in preview]), None)
+    vmin, vmax = grey_window(np.concatenate([s.ravel() for s in preview]), None)
     tallest = _tallest(preview, VIEWS, zooms)
     step = max(1, int(round(tallest / THUMBNAIL_PIXELS)))  # 1 mm grids: every other voxel
     scale = max(1, int(round(THUMBNAIL_PIXELS / tallest)))
@@ -42,17 +42,17 @@ def mosaic_png(
     """Rows of sagittal, coronal and axial sections at ``cuts`` (``figures.Cuts``) of RAS-ordered
     volumes: ``background`` in grey with ``mask``'s outline; ``overlay`` (if given) in blue-red
     over +-``limit`` inside the mask where ``|overlay| >= threshold``."""
-    vmin, vmax = _window(background, mask)
-    firsts = [_slice(background, view, cuts.of(view)[0]) for view in VIEWS]
+    vmin, vmax = grey_window(background, mask)
+    firsts = [take_slice(background, view, cuts.of(view)[0]) for view in VIEWS]
     scale = max(1, int(round(MOSAIC_PIXELS / _tallest(firsts, VIEWS, zooms))))
     rows = []
     for view in VIEWS:
         panels = []
         for index in cuts.of(view):
-            values = None if overlay is None else _slice(overlay, view, index)
-            inside = _slice(mask, view, index)
+            values = None if overlay is None else take_slice(overlay, view, index)
+            inside = take_slice(mask, view, index)
             picture = panel(
-                _slice(background, view, index), view, zooms, scale, (vmin, vmax), inside,
+                take_slice(background, view, index), view, zooms, scale, (vmin, vmax), inside,
                 values, inside, limit, threshold,
             )  # fmt: skip
             panels.append(picture)

@@ -3,7 +3,8 @@
 Per space: the QC table (click a column to sort it; status sorts fail first), a thumbnail of every
 normalised T1w with the template brain's outline (all at the same slices, to spot the misfit in
 one scroll), links to each participant's ``sub-<label>.html``, and figures of the study's mean T1w
-and of the group statistics. The page's style is the participant reports' own; the PNGs are
+and of the group statistics. This module gathers what the page shows; the layout is
+``reports/templates/group.html.j2`` on the participant reports' page shell and style. The PNGs are
 embedded (base64), so the page can be mailed or moved alone.
 """
 
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app import __version__
 from bids_app.group.cohort import CohortRow, SpaceCohort
 from bids_app.group.collect import SpaceResults, canonical_array, canonical_zooms, take_preview
 from bids_app.group.design import Design
 from bids_app.group.maps import SpaceMaps
 from bids_app.group.pictures import mosaic_png, thumbnail_png
 from bids_app.outputs import derivatives as drv
-from bids_app.reports.participant import _STYLE, QC_ROWS, _badge, _e, _number
+from bids_app.reports.html import format_number, render
+from bids_app.reports.participant import QC_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -64,133 +65,149 @@ def write_group_report(output_dir: Path, sections: list[SpaceSection], messages:
     return drv.write_text(page, drv.group_report_path(output_dir))
 
 
+# ---- the page: the data each template shows (reports/templates/group*) ------------------------
+#
+# group.html.j2 lays out, per space, a title, the grid and notes, then the space's ``parts`` in
+# order: each a ``Part`` naming its partial in reports/templates/group/ and the data that partial
+# reads as ``part.data``. To add a section (the statistics helper's results table, say):
+#   1. write reports/templates/group/_results.html.j2 laying out ``part.data`` (macros for badges
+#      and figures in _macros.html.j2, the ``number`` filter for values; a ``class="sortable"``
+#      table with ``data-sort`` on its cells sorts by click; styles go in static/group.css);
+#   2. gather its data here or in its own module: plain values (a dataclass or dict), no HTML;
+#   3. append ``Part("group/_results.html.j2", data)`` to ``parts`` in ``_space_view`` where it
+#      should appear (after the maps, for results).
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a space's section: its partial (under reports/templates/) and its data."""
+
+    template: str
+    data: object
+
+
+@dataclass(frozen=True)
+class SpaceView:
+    anchor: str
+    title: str
+    grid: str | None
+    notes: list[str]
+    parts: list[Part]
+
+
 def render_html(output_dir: Path, sections: list[SpaceSection], messages: list[str]) -> str:
     subjects = sorted({row.result.subject for s in sections for row in s.cohort.rows})
-    navigation = "".join(
-        f'<li><a href="#space-{_e(s.space.label)}">{_e(str(s.space.space))}</a></li>'
-        for s in sections
-    )
-    alerts = "".join(f'<p class="error">{_e(message)}</p>' for message in messages)
-    return _PAGE.format(
-        style=_STYLE + _GROUP_STYLE,
-        script=_SCRIPT,
-        version=_e(__version__),
-        navigation=navigation,
-        summary=_summary(sections, len(subjects)),
-        alerts=alerts,
-        sections="\n".join(_space_section(output_dir, section) for section in sections),
-        table=_e(drv.group_table_path(output_dir, "qc").relative_to(output_dir).as_posix()),
+    return render(
+        "group.html.j2",
+        navigation=[(f"space-{s.space.label}", str(s.space.space)) for s in sections],
+        alerts=messages,
+        n_subjects=len(subjects),
+        summary=[_summary_row(section) for section in sections],
+        table_path=drv.group_table_path(output_dir, "qc").relative_to(output_dir).as_posix(),
+        spaces=[_space_view(output_dir, section) for section in sections],
     )
 
 
-def _summary(sections: list[SpaceSection], n_subjects: int) -> str:
-    rows = []
-    for section in sections:
-        cohort = section.cohort
-        statuses = [row.status for row in cohort.rows]
-        counts = ", ".join(f"{statuses.count(s)} {s}" for s in (*_STATUS_ORDER, "n/a")
-                           if statuses.count(s))  # fmt: skip
-        outliers = sum(bool(row.outlier_reasons) for row in cohort.rows)
-        rows.append(
-            f"<tr><td>{_e(str(section.space.space))}</td><td>{len(cohort.rows)}</td>"
-            f"<td>{_e(counts)}</td><td>{outliers}</td><td>{len(cohort.included)}</td>"
-            f"<td>{len(section.maps.participants)}</td></tr>"
-        )
-    return (
-        f"<p>{n_subjects} participant(s) with results in this folder.</p>"
-        '<table class="overview"><thead><tr><th>space</th><th>T1w</th><th>QC status</th>'
-        "<th>outliers</th><th>T1w in the maps</th><th>participants in the maps</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
-    )
+def _summary_row(section: SpaceSection) -> dict:
+    cohort = section.cohort
+    statuses = [row.status for row in cohort.rows]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in (*_STATUS_ORDER, "n/a")
+                       if statuses.count(s))  # fmt: skip
+    return {
+        "space": str(section.space.space),
+        "t1w": len(cohort.rows),
+        "statuses": counts,
+        "outliers": sum(bool(row.outlier_reasons) for row in cohort.rows),
+        "included": len(cohort.included),
+        "participants": len(section.maps.participants),
+    }
 
 
-def _space_section(output_dir: Path, section: SpaceSection) -> str:
+def _space_view(output_dir: Path, section: SpaceSection) -> SpaceView:
     space = section.space
-    anchor = f"space-{_e(space.label)}"
-    parts = [f'<section id="{anchor}">', f"<h2>{_e(str(space.space))}</h2>"]
     grid = space.grid
-    if grid is not None:
-        parts.append(
-            f"<p>Grid: {_e(grid.origin)}, {'x'.join(map(str, grid.shape))} voxels of "
-            f"{'x'.join(f'{z:g}' for z in grid.zooms)} mm.</p>"
-        )
-    parts += [f'<p class="note">{_e(note)}</p>' for note in space.notes]
+    notes = list(space.notes)
     if section.cohort.outlier_note:
-        parts.append(f'<p class="note">{_e(section.cohort.outlier_note)}.</p>')
-    parts.append("<h3>QC of every normalisation</h3>" + _table(output_dir, section))
+        notes.append(f"{section.cohort.outlier_note}.")
+    parts = [Part("group/_table.html.j2", _table(output_dir, section))]
     if space.cuts is not None:
-        parts.append(_gallery(output_dir, section))
-    parts.append(_maps(output_dir, section))
-    parts.append("</section>")
-    return "\n".join(parts)
+        parts.append(Part("group/_gallery.html.j2", _gallery(output_dir, section)))
+    parts.append(Part("group/_maps.html.j2", _maps(output_dir, section)))
+    return SpaceView(
+        anchor=f"space-{space.label}",
+        title=str(space.space),
+        grid=None if grid is None else (
+            f"{grid.origin}, {'x'.join(map(str, grid.shape))} voxels of "
+            f"{'x'.join(f'{z:g}' for z in grid.zooms)} mm"
+        ),
+        notes=notes,
+        parts=parts,
+    )  # fmt: skip
 
 
 # ---- the table -------------------------------------------------------------------------------
 
 
-def _table(output_dir: Path, section: SpaceSection) -> str:
+@dataclass(frozen=True)
+class CohortTable:
+    group_column: str | None  # the --group-by column, when there is one
+    metric_headers: list[str]
+    rows: list[dict]
+
+
+def _table(output_dir: Path, section: SpaceSection) -> CohortTable:
     design = section.design
-    group_header = f"<th>{_e(design.column)}</th>" if design is not None else ""
-    headers = (
-        "<th>participant</th><th>session</th><th>run</th><th>status</th><th>outlier</th>"
-        "<th>robust z</th><th>in maps</th>" + group_header
-        + "".join(f"<th>{_e(label)}</th>" for label, _ in _TABLE_METRICS.values())
-        + "<th>reasons</th>"
-    )  # fmt: skip
-    body = "".join(_table_row(output_dir, row, section) for row in section.cohort.rows)
-    return (
-        '<table class="sortable cohort"><thead><tr>'
-        f"{headers}</tr></thead><tbody>{body}</tbody></table>"
+    return CohortTable(
+        group_column=None if design is None else design.column,
+        metric_headers=[label for label, _ in _TABLE_METRICS.values()],
+        rows=[_table_row(output_dir, row, section) for row in section.cohort.rows],
     )
 
 
-def _table_row(output_dir: Path, row: CohortRow, section: SpaceSection) -> str:
+def _table_row(output_dir: Path, row: CohortRow, section: SpaceSection) -> dict:
+    """One T1w: texts, and the sort keys of the cells whose text does not sort right."""
     result = row.result
-    design = section.design
-    outlier = ("yes" if row.outlier_reasons else "no") if row.judged else "n/a"
-    cells = [
-        _cell(_participant_link(output_dir, result.subject), f"sub-{result.subject}"),
-        _cell(_e(result.session or "n/a"), result.session or ""),
-        _cell(_e(result.run or "n/a"), result.run or ""),
-        _cell(_badge(row.status), _STATUS_ORDER.get(row.status, 3)),
-        _cell(
-            f'<span class="flag {outlier}">{outlier}</span>', {"yes": 0, "no": 1}.get(outlier, 2)
-        ),
-        _cell(_number(row.robust_z_max, "{:.1f}"), _sort_number(-row.robust_z_max)),
-        _cell("yes" if row.included else "no", 0 if row.included else 1),
-    ]
-    if design is not None:
-        value = section.group_values.get(result.subject) or ""
-        cells.append(_cell(_e(value or "n/a"), value))
-    for metric, (_, form) in _TABLE_METRICS.items():
-        value = row.metrics[metric]
-        cells.append(_cell(_number(value, form), _sort_number(value)))
     reasons = [r for r in (row.exclusion, row.status_reasons, *row.outlier_reasons) if r]
-    text = "; ".join(dict.fromkeys(reasons))
-    cells.append(_cell(_e(text) or "none", text))
-    link = f' data-thumbnail="#{_thumb_id(row)}"' if section.space.cuts is not None else ""
-    return f"<tr{link}>{''.join(cells)}</tr>"
-
-
-def _cell(content: str, key) -> str:
-    return f'<td data-sort="{_e(key)}">{content}</td>'
+    return {
+        "subject": result.subject,
+        "report": _participant_page(output_dir, result.subject),
+        "session": result.session,
+        "run": result.run,
+        "status": row.status,
+        "status_order": _STATUS_ORDER.get(row.status, 3),
+        "outlier": ("yes" if row.outlier_reasons else "no") if row.judged else "n/a",
+        "robust_z": (format_number(row.robust_z_max, "{:.1f}"), _sort_number(-row.robust_z_max)),
+        "included": row.included,
+        "group_value": section.group_values.get(result.subject) or "",
+        "metrics": [
+            (format_number(row.metrics[metric], form), _sort_number(row.metrics[metric]))
+            for metric, (_, form) in _TABLE_METRICS.items()
+        ],
+        "reasons": "; ".join(dict.fromkeys(reasons)),
+        "thumbnail": _thumb_id(row) if section.space.cuts is not None else None,
+    }
 
 
 def _sort_number(value: float) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
 
 
-def _participant_link(output_dir: Path, subject: str) -> str:
+def _participant_page(output_dir: Path, subject: str) -> str | None:
+    """The participant's ``sub-<label>.html`` (relative to the group page), when it exists."""
     page = drv.report_path(output_dir, subject)
-    if page.is_file():
-        return f'<a href="{_e(page.name)}">sub-{_e(subject)}</a>'
-    return f"sub-{_e(subject)}"
+    return page.name if page.is_file() else None
 
 
 # ---- thumbnails ------------------------------------------------------------------------------
 
 
-def _gallery(output_dir: Path, section: SpaceSection) -> str:
+@dataclass(frozen=True)
+class Gallery:
+    outline_origin: str  # what the green outline is
+    items: list[dict]
+
+
+def _gallery(output_dir: Path, section: SpaceSection) -> Gallery:
     space = section.space
     outline, outline_origin = _outline(output_dir, section)
     zooms = canonical_zooms(space.grid)
@@ -202,30 +219,22 @@ def _gallery(output_dir: Path, section: SpaceSection) -> str:
             classes.append("outlier")
         if not row.included:
             classes.append("excluded")
+        picture = None
         if result.preview is not None:
-            picture = (
-                f'<img src="{_png_uri(thumbnail_png(result.preview, outline, zooms))}" alt="">'
-            )
-        else:
-            picture = f'<div class="missing">{_e(row.exclusion or "no image")}</div>'
-        tags = _badge(row.status)
-        if row.outlier_reasons:
-            tags += ' <span class="flag yes">outlier</span>'
-        if not row.included:
-            tags += ' <span class="flag excluded">not in maps</span>'
-        items.append(
-            f'<figure class="{" ".join(classes)}" id="{_thumb_id(row)}">{picture}'
-            f"<figcaption>{_participant_link(output_dir, result.subject)} "
-            f"{_e(result.prefix.removeprefix(f'sub-{result.subject}').lstrip('_'))} {tags}"
-            "</figcaption></figure>"
-        )
-    return (
-        "<h3>Every normalised T1w</h3>"
-        "<p>Sagittal, coronal and axial slices at the same place for everyone, with "
-        f"{_e(outline_origin)} (green). A brain that does not fill the outline like the others "
-        "is the misfit.</p>"
-        f'<div class="gallery">{"".join(items)}</div>'
-    )
+            picture = _png_uri(thumbnail_png(result.preview, outline, zooms))
+        items.append({
+            "id": _thumb_id(row),
+            "classes": classes,
+            "picture": picture,
+            "missing": row.exclusion or "no image",
+            "subject": result.subject,
+            "report": _participant_page(output_dir, result.subject),
+            "name": result.prefix.removeprefix(f"sub-{result.subject}").lstrip("_"),
+            "status": row.status,
+            "outlier": bool(row.outlier_reasons),
+            "included": row.included,
+        })  # fmt: skip
+    return Gallery(outline_origin, items)
 
 
 def _thumb_id(row: CohortRow) -> str:
@@ -258,39 +267,35 @@ def _png_uri(png: bytes) -> str:
 # ---- the maps --------------------------------------------------------------------------------
 
 
-def _maps(output_dir: Path, section: SpaceSection) -> str:
+@dataclass(frozen=True)
+class MapsView:
+    files: list[tuple[str, str]]  # (href, name) of every map written; none: no usable T1w
+    n_participants: int
+    design: Design | None
+    group_counts: str  # participants per level of the design
+    figures: list[tuple[str, str]]  # (PNG data URI, caption)
+
+
+def _maps(output_dir: Path, section: SpaceSection) -> MapsView:
     maps = section.maps
-    parts = ["<h3>Group maps</h3>"]
-    if not maps.written:
-        parts.append(
-            '<p class="error">No group map: no T1w of this space is usable (see the table).</p>'
-        )
-        return "\n".join(parts)
-    parts.append(
-        f"<p>{len(maps.participants)} participant(s), each counted once (the mean of their "
-        "included T1w). Files:</p><ul>"
-        + "".join(
-            f'<li><a href="{_e(p.relative_to(output_dir).as_posix())}">{_e(p.name)}</a></li>'
-            for p in maps.written
-        )
-        + "</ul>"
-    )
     design = section.design
-    if design is not None and not design.usable:
-        parts.append(f'<p class="error">No group comparison: {_e(design.problem)}</p>')
-    elif design is not None:
-        counts = ", ".join(f"{level!r}: {n}" for level, n in design.counts.items())
-        parts.append(
-            f"<p>Groups by <code>{_e(design.column)}</code>: {_e(counts)}; "
-            f"{len(design.excluded)} participant(s) without a value left out. "
-            "Statistics are uncorrected for multiple comparisons.</p>"
-        )
-    if section.space.cuts is not None:
-        parts += _map_figures(output_dir, section)
-    return "\n".join(parts)
+    written = bool(maps.written)
+    return MapsView(
+        files=[(p.relative_to(output_dir).as_posix(), p.name) for p in maps.written],
+        n_participants=len(maps.participants),
+        design=design,
+        group_counts=(
+            ", ".join(f"{level!r}: {n}" for level, n in design.counts.items())
+            if design is not None and design.usable
+            else ""
+        ),
+        figures=(
+            _map_figures(output_dir, section) if written and section.space.cuts is not None else []
+        ),
+    )
 
 
-def _map_figures(output_dir: Path, section: SpaceSection) -> list[str]:
+def _map_figures(output_dir: Path, section: SpaceSection) -> list[tuple[str, str]]:
     import nibabel as nib
 
     from bids_app.reports import figures
@@ -312,9 +317,9 @@ def _map_figures(output_dir: Path, section: SpaceSection) -> list[str]:
     mean, mask = volume(mean_path), volume(mask_path) >= 0.5
     cuts = figures.choose_cuts(mask, MOSAIC_SLICES)
     zooms = canonical_zooms(space.grid)
-    parts = [
-        _figure(
-            mosaic_png(mean, mask, cuts, zooms),
+    shown = [
+        (
+            _png_uri(mosaic_png(mean, mask, cuts, zooms)),
             "The study's mean normalised T1w (each T1w scaled to its median inside its brain "
             "mask), with the brain outline.",
         )
@@ -322,8 +327,8 @@ def _map_figures(output_dir: Path, section: SpaceSection) -> list[str]:
     for stat in section.maps.stats:
         limit, threshold = STAT_DISPLAY[stat.kind]
         picture = mosaic_png(mean, mask, cuts, zooms, volume(stat.path), limit, threshold)
-        parts.append(_figure(picture, _stat_caption(section.design, stat, limit, threshold)))
-    return parts
+        shown.append((_png_uri(picture), _stat_caption(section.design, stat, limit, threshold)))
+    return shown
 
 
 def _stat_caption(design: Design, stat, limit: float, threshold: float) -> str:
@@ -342,96 +347,3 @@ def _stat_caption(design: Design, stat, limit: float, threshold: float) -> str:
         f"{threshold:g}, colours saturating at {limit:g}: {meaning}. Uncorrected: coloured "
         "voxels are not findings."
     )
-
-
-def _figure(png: bytes, caption: str) -> str:
-    return (
-        f'<figure><img src="{_png_uri(png)}" alt="{_e(caption)}">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
-    )
-
-
-_GROUP_STYLE = """
-table.sortable th { cursor: pointer; user-select: none; white-space: nowrap; }
-table.sortable th[aria-sort="ascending"]::after { content: " \\25B2"; }
-table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; }
-table.cohort td { white-space: nowrap; }
-table.cohort td:last-child { white-space: normal; min-width: 20em; font-size: .95em; }
-table.cohort tr.highlight { background: #fff6c2; }
-.flag { font-size: .8em; font-weight: 700; padding: .05em .4em; border-radius: .6em; }
-.flag.yes { background: #ffd9d6; color: #9b1c12; }
-.flag.excluded { background: #e4e4e4; color: #333; }
-.note { background: #f1f4ff; padding: .4em .8em; border-radius: .3em; }
-.gallery { display: flex; flex-wrap: wrap; gap: .5em; }
-.gallery figure.thumb { margin: 0; padding: .2em; border: 3px solid transparent;
-  border-radius: .3em; max-width: 24em; }
-.gallery figure.thumb.warn { border-color: #f0c24b; }
-.gallery figure.thumb.fail, .gallery figure.thumb.outlier { border-color: #e0473c; }
-.gallery figure.thumb.excluded img { opacity: .6; }
-.gallery figure.thumb:target { outline: 3px solid #3478f6; }
-.gallery figcaption { font-size: .78em; margin-top: .2em; }
-.gallery .missing { width: 14em; height: 5em; background: #222; color: #eee; font-size: .75em;
-  padding: .4em; overflow: hidden; }
-"""
-
-_SCRIPT = """
-document.querySelectorAll("table.sortable").forEach(function (table) {
-  var headers = table.querySelectorAll("thead th");
-  headers.forEach(function (header, column) {
-    header.title = "sort by this column";
-    header.addEventListener("click", function () {
-      var body = table.tBodies[0];
-      var rows = Array.prototype.slice.call(body.rows);
-      var ascending = header.getAttribute("aria-sort") !== "ascending";
-      headers.forEach(function (h) { h.removeAttribute("aria-sort"); });
-      header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
-      rows.sort(function (a, b) {
-        var x = a.cells[column].dataset.sort, y = b.cells[column].dataset.sort;
-        if (x === y) { return 0; }
-        if (x === "") { return 1; }  // no value: last, whichever the direction
-        if (y === "") { return -1; }
-        var nx = Number(x), ny = Number(y);
-        var order = (isNaN(nx) || isNaN(ny)) ? (x < y ? -1 : 1) : nx - ny;
-        return ascending ? order : -order;
-      });
-      rows.forEach(function (row) { body.appendChild(row); });
-    });
-  });
-  table.querySelectorAll("tbody tr[data-thumbnail]").forEach(function (row) {
-    row.addEventListener("dblclick", function () {
-      location.hash = row.dataset.thumbnail;
-    });
-  });
-});
-"""
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>mninorm group report</title>
-<style>{style}</style>
-</head>
-<body>
-<header>
-<h1>mninorm group report</h1>
-<ul>{navigation}</ul>
-</header>
-<section id="summary">
-<h2>Summary</h2>
-{alerts}
-{summary}
-<p>Each T1w's status comes from its participant-level QC (fixed thresholds); "outlier" compares
-each QC metric with the cohort (robust z-score above 3.5 on the side that signals a problem).
-T1w whose QC fails or whose files are missing or corrupt are left out of the group maps; outliers
-are only flagged. The full table, with every metric: <a href="{table}">{table}</a>. Click a column
-header to sort; double-click a row to jump to its thumbnail.</p>
-</section>
-{sections}
-<footer>mninorm {version}, group level. Built from the files in this folder; rebuild with
-<code>mninorm bids_dir output_dir group</code>.</footer>
-<script>{script}</script>
-</body>
-</html>
-"""

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from nibabel.affines import apply_affine
 
+from bids_app.measures.similarity import dice
+
 # Mask voxels farther than this outside the (linearly placed) template brain count as "outside":
 # about a linear fit's error, less than the skull's thickness (4-8 mm). Calibrated on the
 # whole-head benchmark (docs/outputs.md, Quality control): good masks have 0-0.6 % of their
@@ -50,16 +52,6 @@ class MaskCheck:
     outside_fraction: float  # share of the mask > OUTSIDE_DISTANCE_MM outside the template brain
     volume_ratio: float  # the mask's volume over the placed template brain's
     sector_coverage: dict  # sector name -> coverage
-
-    def as_record(self) -> dict:
-        return {
-            "BrainVolumeML": round(self.volume_ml, 1),
-            "TemplateMaskDice": round(self.template_dice, 4),
-            "MinSectorCoverage": round(self.min_sector_coverage, 4),
-            "WorstSector": self.worst_sector,
-            "OutsideFraction": round(self.outside_fraction, 4),
-            "VolumeRatio": round(self.volume_ratio, 4),
-        }
 
 
 def mask_problems(check: MaskCheck) -> list[str]:
@@ -110,7 +102,7 @@ def check_mask(native, template_mask, template_to_t1w: np.ndarray) -> MaskCheck:
     placed_ml *= abs(float(np.linalg.det(template_to_t1w[:3, :3])))
     return MaskCheck(
         volume_ml=volume_ml,
-        template_dice=_dice(covered, template_inside),
+        template_dice=dice(covered, template_inside),
         min_sector_coverage=coverage[worst],
         worst_sector=worst,
         outside_fraction=_outside_fraction(native_inside, native.affine, template, template_to_t1w),
@@ -184,15 +176,9 @@ def _voxel_centres_index(shape) -> np.ndarray:
     return np.indices(shape, dtype=np.float32).reshape(3, -1).T
 
 
-
 def _zooms(affine) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
 def _voxel_volume(affine) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * float((a & b).sum()) / total if total else 0.0

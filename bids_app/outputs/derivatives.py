@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bids_app import __version__
-from bids_app.participant.discovery import T1wInput
+from bids_app.outputs.source import T1wInput
 from bids_app.settings import OutputSpace
 
 CODE_URL = "https://github.com/mninorm/mninorm"
@@ -226,6 +226,9 @@ def derivative_uri(output_dir: Path, path: Path) -> str:
 # ---- atomic writes: a temporary file in the same folder, then one rename ----------------------
 
 
+_PARTIAL_MARK = ".part"  # in the names of atomic_path's temporary files
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
@@ -236,7 +239,7 @@ def atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
     handle, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent
+        prefix=f".{path.name}.", suffix=f"{_PARTIAL_MARK}{suffix}", dir=path.parent
     )
     os.close(handle)
     tmp_path = Path(tmp)
@@ -247,6 +250,15 @@ def atomic_path(path: Path):
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Remove the temporary files of ``atomic_path`` left in ``folder`` (and below) by a process
+    killed while writing (SIGKILL, the out-of-memory killer: no ``finally`` runs then)."""
+    found = sorted(p for p in folder.rglob(f".*{_PARTIAL_MARK}*") if p.is_file())
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def write_nifti(img, path: Path) -> Path:

@@ -19,16 +19,6 @@ class RunInfo:
     cpu_count: int | None  # os.cpu_count(): the machine's CPUs
     cpu_affinity: int | None  # the CPUs this process may use (taskset, cgroups, a scheduler)
 
-    def as_record(self) -> dict:
-        """The run record's keys for this invocation."""
-        return {
-            "RunUUID": self.run_uuid,
-            "CommandLine": self.command_line,
-            "RunStartTime": self.start_time,
-            "CPUCount": self.cpu_count,
-            "CPUAffinityCount": self.cpu_affinity,
-        }
-
 
 def start_run(argv: list[str]) -> RunInfo:
     """The invocation that ``argv`` (``sys.argv``, or the command and its arguments) started."""

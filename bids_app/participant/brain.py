@@ -88,22 +88,6 @@ class Attempt:
     def ok(self) -> bool:
         return not self.problems
 
-    def as_record(self) -> dict:
-        record = {
-            "Attempt": self.number,
-            "Why": self.why,
-            "Template": self.template,
-            "Engine": self.engine,
-            "Start": self.start,
-            "StartScore": round(self.start_score, 4),
-            "HeadVolumeRatio": round(self.head_volume_ratio, 3),
-            "Problems": list(self.problems),
-            "Seconds": round(self.seconds, 1),
-        }
-        if self.check is not None:
-            record.update(self.check.as_record())
-        return record
-
 
 @dataclass(frozen=True)
 class BrainExtraction:
@@ -199,8 +183,8 @@ def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
 
     import ants
 
-    from bids_app.participant.images import ants_to_nifti
     from bids_app.transforms import CompositeTransform, read_composite, write_composite
+    from bids_app.transforms.orientation import ants_to_nifti
 
     began = time.perf_counter()
     template, engine = plan.template, plan.engine

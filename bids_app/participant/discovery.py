@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bids_app.errors import InvalidBIDSError, MissingInputError, NothingMatchedError, UsageError
+from bids_app.outputs.source import T1wInput, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -16,25 +17,9 @@ T1W_QUERY = {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz
 
 
 @dataclass(frozen=True)
-class T1wInput:
-    subject: str
-    path: Path
-    relpath: str  # relative to bids_dir, POSIX style, for BIDS URIs
-    entities: dict = field(hash=False, compare=False)  # pybids entities of the source file
-
-    @property
-    def session(self) -> str | None:
-        return self.entities.get("session")
-
-
-@dataclass(frozen=True)
 class Selection:
     t1w_by_subject: dict  # subject label -> tuple[T1wInput, ...]
     subjects_without_t1w: tuple[str, ...]
-
-
-def strip_prefix(label: str, prefix: str) -> str:
-    return label[len(prefix) :] if label.startswith(prefix) else label
 
 
 def load_filter_file(path: Path | None) -> dict:

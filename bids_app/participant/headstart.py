@@ -64,7 +64,7 @@ class _Pose:
 
 def search_head_starts(template_head, template_mask, t1w_img) -> list[HeadStart]:
     """The best starts, refined, best first (ANTs images in, no registration run)."""
-    from bids_app.participant.images import ants_to_nifti
+    from bids_app.transforms.orientation import ants_to_nifti
 
     template_brain = ants_to_nifti(template_mask)
     brain_centre = _centre_of_mass(np.asarray(template_brain.dataobj) > 0.5, template_brain.affine)
@@ -181,7 +181,8 @@ def _foreground(image) -> tuple[np.ndarray, np.ndarray]:
     """The head (Otsu threshold, largest piece, holes filled) and its RAS affine."""
     import ants
 
-    from bids_app.participant.images import ants_to_nifti, clean_mask
+    from bids_app.participant.images import clean_mask
+    from bids_app.transforms.orientation import ants_to_nifti
 
     inside = clean_mask(ants.threshold_image(image, "Otsu", 1)).numpy() > 0
     return inside, ants_to_nifti(image).affine

@@ -15,11 +15,18 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.errors import ImageError
-from bids_app.transforms.orientation import itk_grid_from_ras, ras_affine_from_itk
 
 log = logging.getLogger(__name__)
 
 _AFFINE_TOLERANCE_MM = 1e-3
+# A voxel smaller than this (mm^3) is a broken header, not a scan (1e-9 mm^3: a 1 micron cube)
+_SINGULAR_DET_MM3 = 1e-9
+# How to mend a header whose geometry cannot be trusted (appended to those errors)
+HEADER_REPAIR = (
+    "check left and right against the acquisition (a marker in the image, the scanner's DICOMs), "
+    "then write a valid sform and qform (nibabel: img.set_sform(affine, code=1) and "
+    "img.set_qform(affine, code=1); FSL: fslorient) or convert the DICOMs again (dcm2niix)"
+)
 
 
 @dataclass(frozen=True)
@@ -97,11 +104,30 @@ def _check_not_empty(data: np.ndarray, path: Path) -> None:
 
 
 def _best_affine(img, path: Path, actions: list[str]) -> np.ndarray:
-    """The sform when set (scanner/aligned space), else the qform; report disagreements."""
+    """The sform when set (scanner/aligned space), else the qform; report disagreements.
+
+    Left and right cannot be seen in a brain (nearly symmetric) nor by QC: a header that does not
+    say where they are is refused, never guessed (issue 18).
+    """
     header = img.header
+    _check_voxel_sizes(_raw_header(img, path), path)
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
+    if sform_code == 0 and qform_code == 0:
+        raise ImageError(
+            f"{path}: the header gives no orientation (qform_code and sform_code are both 0), so "
+            f"left and right cannot be known; {HEADER_REPAIR}"
+        )
+    if sform_code > 0:
+        _check_affine(sform, "sform", path)
+    if qform_code > 0:
+        _check_affine(qform, "qform", path)
     if sform_code > 0 and qform_code > 0:
+        if np.sign(np.linalg.det(sform[:3, :3])) != np.sign(np.linalg.det(qform[:3, :3])):
+            raise ImageError(
+                f"{path}: the qform and sform are mirror images of each other (their determinants "
+                f"have opposite signs), so left and right cannot be known; {HEADER_REPAIR}"
+            )
         if not np.allclose(sform, qform, atol=_AFFINE_TOLERANCE_MM):
             worst = float(np.abs(sform - qform).max())
             actions.append(
@@ -109,35 +135,36 @@ def _best_affine(img, path: Path, actions: list[str]) -> np.ndarray:
             )
             log.warning("%s: qform and sform disagree; using the sform", path)
         return sform
-    if sform_code > 0:
-        return sform
-    if qform_code > 0:
-        return qform
-    actions.append("no qform/sform set: used the voxel sizes only (orientation unknown)")
-    log.warning("%s: neither qform nor sform is set; assuming RAS voxel axes", path)
-    return img.affine
+    return sform if sform_code > 0 else qform
 
 
-def nifti_to_ants(img: nib.Nifti1Image):
-    """A nibabel image as an ANTs image with the same voxels and physical space."""
-    import ants
-
-    origin, spacing, direction = itk_grid_from_ras(img.affine)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return ants.from_numpy(
-        data, origin=origin.tolist(), spacing=spacing.tolist(), direction=direction
-    )
+def _raw_header(img, path: Path):
+    """The header as the file has it: nibabel's reading quietly sets zero voxel sizes to 1."""
+    with nib.openers.ImageOpener(str(path)) as handle:
+        return type(img.header).from_fileobj(handle, check=False)
 
 
-def ants_to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
-    """An ANTs image as a nibabel image (RAS affine), with sform and qform set."""
-    affine = ras_affine_from_itk(
-        np.asarray(image.origin), np.asarray(image.spacing), np.asarray(image.direction)
-    )
-    out = nib.Nifti1Image(image.numpy().astype(dtype), affine)
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    return out
+def _check_voxel_sizes(header, path: Path) -> None:
+    """pixdim[1:4], the header's voxel sizes: positive and finite, whatever the affines say."""
+    zooms = np.asarray(header["pixdim"][1:4], dtype=float)
+    if not (np.isfinite(zooms).all() and (zooms > 0).all()):
+        sizes = ", ".join(f"{z:g}" for z in zooms)
+        raise ImageError(
+            f"{path}: the header's voxel sizes (pixdim) are {sizes}; they must be positive "
+            f"numbers of mm; {HEADER_REPAIR}"
+        )
+
+
+def _check_affine(affine: np.ndarray, name: str, path: Path) -> None:
+    """A voxel-to-world matrix that is finite and invertible (no axis of zero length)."""
+    matrix = np.asarray(affine, dtype=float)
+    if not np.isfinite(matrix).all():
+        raise ImageError(f"{path}: the {name} holds NaN or infinite values; {HEADER_REPAIR}")
+    if abs(np.linalg.det(matrix[:3, :3])) < _SINGULAR_DET_MM3:
+        raise ImageError(
+            f"{path}: the {name} is singular (its voxels have no volume), so the image has no "
+            f"geometry; {HEADER_REPAIR}"
+        )
 
 
 def clean_mask(mask_img):

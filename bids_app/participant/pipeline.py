@@ -7,9 +7,12 @@ crash must not take the others down); one T1w's failure never stops the other T1
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from logging.handlers import QueueListener
 from multiprocessing import get_context
@@ -18,12 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from bids_app import logs, progress
-from bids_app.errors import BrainExtractionError, MninormError
+from bids_app.errors import BrainExtractionError, MemoryBudgetError, MninormError
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.provenance import RunInfo, utc_now
+from bids_app.outputs.record import (
+    BrainExtractionRecord,
+    ExtractionAttempt,
+    RegistrationRecord,
+    RunRecord,
+    write_run_record,
+)
+from bids_app.outputs.source import T1wInput
 from bids_app.participant import resume
-from bids_app.participant.brain import BrainExtraction
-from bids_app.participant.discovery import T1wInput
+from bids_app.participant.brain import Attempt, BrainExtraction
 from bids_app.participant.headstart import write_start
 from bids_app.settings import OutputSpace, Settings
 from bids_app.templates import Template
@@ -114,16 +124,18 @@ def process_t1w(
     settings: Settings,
     templates: Templates,
     work_dir: Path,
-    record: dict,
+    learnt: dict,
 ) -> T1wOutcome:
-    """All steps for one T1w. ``record`` is filled as they go, so a failure keeps what was known."""
+    """All steps for one T1w. ``learnt`` (``RunRecord`` fields by name) is filled as they go, so
+    a failure's run record keeps what was known."""
     import ants
 
     from bids_app.participant.bias import correct_bias
     from bids_app.participant.brain import looks_skull_stripped, mask_from_nonzero
-    from bids_app.participant.images import load_t1w, nifti_to_ants
+    from bids_app.participant.images import load_t1w
+    from bids_app.transforms.orientation import nifti_to_ants
 
-    timer = _StepTimer(record.setdefault("StepSeconds", {}), t1w, settings)
+    timer = _StepTimer(learnt.setdefault("step_seconds", {}), t1w, settings)
     engine = settings.engines(settings.engine, settings.omp_nthreads)
     prefix = drv.source_prefix(t1w)
     work = work_dir / f"sub-{t1w.subject}" / prefix
@@ -133,12 +145,12 @@ def process_t1w(
         nifti, header = load_t1w(t1w.path)
         t1w_img = nifti_to_ants(nifti)
     stripped_input = _skull_stripped_input(settings.skull_strip, nifti, looks_skull_stripped)
-    record.update(
-        SourceOrientation=header.source_orientation,
-        SourceShape=list(header.source_shape),
-        SourceZoomsMM=list(header.source_zooms),
-        HeaderFixes=list(header.actions),
-        SkullStripDecision=f"{settings.skull_strip}: "
+    learnt.update(
+        source_orientation=header.source_orientation,
+        source_shape=tuple(header.source_shape),
+        source_zooms_mm=tuple(header.source_zooms),
+        header_fixes=tuple(header.actions),
+        skull_strip_decision=f"{settings.skull_strip}: "
         + ("input already skull-stripped" if stripped_input else "brain extracted"),
     )
     log.info(
@@ -165,11 +177,11 @@ def process_t1w(
             preproc = correct_bias(t1w_img)
         with timer("brain_mask"):
             extraction = _extract_brain(preproc, settings, templates, template_images, work)
-        record["BrainExtraction"] = {
-            "Fallback": settings.fallback,
-            "KeptAttempt": extraction.kept,
-            "Attempts": [attempt.as_record() for attempt in extraction.attempts],
-        }
+        learnt["brain_extraction"] = BrainExtractionRecord(
+            fallback=settings.fallback,
+            kept_attempt=extraction.kept,
+            attempts=tuple(_attempt_record(attempt) for attempt in extraction.attempts),
+        )
         if not any(attempt.ok for attempt in extraction.attempts):
             raise BrainExtractionError(
                 f"{t1w.relpath}: no brain-extraction attempt passed its checks "
@@ -179,7 +191,9 @@ def process_t1w(
     mask = extraction.mask_img
 
     provenance = _provenance(t1w, settings, header, extraction)
-    outputs = _write_native(t1w, settings, preproc, mask, provenance, record)
+    outputs = _write_native(
+        t1w, settings, preproc, mask, provenance, learnt.get("brain_extraction")
+    )
 
     brain = preproc * mask
     moving_mask = ants.iMath(mask, "MD", _MASK_DILATION_VOX)
@@ -256,8 +270,38 @@ def _skull_stripped_input(mode: str, nifti, looks_skull_stripped) -> bool:
     return looks_skull_stripped(np.asarray(nifti.dataobj), voxel_volume)
 
 
-def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> list[Path]:
-    from bids_app.participant.images import ants_to_nifti
+def _attempt_record(attempt: Attempt) -> ExtractionAttempt:
+    """One attempt as the run record and the mask's sidecar keep it (rounded for reading)."""
+    check = attempt.check
+    return ExtractionAttempt(
+        number=attempt.number,
+        why=attempt.why,
+        template=attempt.template,
+        engine=attempt.engine,
+        start=attempt.start,
+        start_score=round(attempt.start_score, 4),
+        head_volume_ratio=round(attempt.head_volume_ratio, 3),
+        problems=tuple(attempt.problems),
+        seconds=round(attempt.seconds, 1),
+        **(
+            {}
+            if check is None
+            else dict(
+                brain_volume_ml=round(check.volume_ml, 1),
+                template_mask_dice=round(check.template_dice, 4),
+                min_sector_coverage=round(check.min_sector_coverage, 4),
+                worst_sector=check.worst_sector,
+                outside_fraction=round(check.outside_fraction, 4),
+                volume_ratio=round(check.volume_ratio, 4),
+            )
+        ),
+    )
+
+
+def _write_native(
+    t1w, settings, preproc, mask, provenance, extraction: BrainExtractionRecord | None
+) -> list[Path]:
+    from bids_app.transforms.orientation import ants_to_nifti
 
     out = settings.output_dir
     t1w_path = drv.native_path(out, t1w, "t1w")
@@ -277,7 +321,7 @@ def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> lis
             "RawSources": provenance["Sources"],
             "Method": provenance["BrainMaskMethod"],
             # Every attempt, as the run record has them (absent for skull-stripped inputs).
-            **{key: record[key] for key in ("BrainExtraction",) if key in record},
+            **({"BrainExtraction": extraction.to_json()} if extraction is not None else {}),
         },
         drv.sidecar_path(mask_path),
     )
@@ -287,9 +331,9 @@ def _write_native(t1w, settings, preproc, mask, provenance, record: dict) -> lis
 def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, provenance):
     import ants
 
-    from bids_app.participant.images import ants_to_nifti, nifti_to_ants
     from bids_app.transforms import read_composite
     from bids_app.transforms.jacobian import log_jacobians
+    from bids_app.transforms.orientation import ants_to_nifti, nifti_to_ants
 
     out = settings.output_dir
     name = template_set.name
@@ -425,6 +469,23 @@ def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:
     }
 
 
+def _registration_record(settings: Settings) -> RegistrationRecord:
+    """What the methods text needs of the registration, from the registry, while it is known."""
+    from bids_app.registration.registry import ENGINES, get_preset
+
+    engine = ENGINES[settings.engine]
+    preset = get_preset(settings.engine, settings.preset)
+    return RegistrationRecord(
+        engine_label=engine.label,
+        engine_package=engine.package,
+        engine_version=_software_versions(settings.engine)[engine.package],
+        preset=preset.name,
+        stages=preset.description,
+        methods=tuple(preset.methods(masks=True)),
+        references=dict(preset.references),
+    )
+
+
 def _software_versions(engine: str = "ants") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -494,18 +555,19 @@ def _registration_words(settings: Settings) -> str:
 
 def run_participant(
     subject: str, t1ws: tuple[T1wInput, ...], settings: Settings, templates, work_dir: Path,
-    run: RunInfo, verbosity: logs.Verbosity,
+    run: RunInfo, verbosity: logs.Verbosity, refusal: str | None = None,
 ) -> list[T1wOutcome]:  # fmt: skip
     """Every T1w of one participant; a failing T1w is reported and the next one still runs.
 
-    What is said while a T1w runs, and what compiled code prints, goes to its log file.
+    What is said while a T1w runs, and what compiled code prints, goes to its log file. With a
+    ``refusal`` (the memory plan's), each T1w fails with it, unprocessed, as any failure is told.
     """
     start = time.perf_counter()
     outcomes = []
     for t1w in t1ws:
         log_path = drv.t1w_log_path(settings.output_dir, t1w)
         with logs.t1w_log(log_path, drv.source_prefix(t1w), verbosity):
-            outcomes.append(_run_t1w(t1w, settings, templates, work_dir, run))
+            outcomes.append(_run_t1w(t1w, settings, templates, work_dir, run, refusal))
     _write_report(subject, settings)
     ok = sum(outcome.ok for outcome in outcomes)
     event = progress.ParticipantEnded(subject, ok, len(outcomes) - ok, time.perf_counter() - start)
@@ -513,7 +575,10 @@ def run_participant(
     return outcomes
 
 
-def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: RunInfo):
+def _run_t1w(
+    t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: RunInfo,
+    refusal: str | None = None,
+):  # fmt: skip
     prefix = drv.source_prefix(t1w)
     started = utc_now()
     start = time.perf_counter()
@@ -521,18 +586,30 @@ def _run_t1w(t1w: T1wInput, settings: Settings, templates, work_dir: Path, run: 
         log, progress.T1wStarted(t1w.subject, prefix, t1w.relpath),
         "sub-%s: %s started (run %s)", t1w.subject, t1w.relpath, run.run_uuid,
     )  # fmt: skip
-    record = {"Source": drv.bids_uri(t1w.relpath), **_resume_fields(t1w, settings)}
-    resume.mark_started(settings, t1w, {**record, "StartTime": started})
-    resume.remove_partial_files(settings, t1w)
+    learnt: dict = {}
+    resume_fields = _resume_fields(t1w, settings)
+    _write_started_record(settings, t1w, run, started, resume_fields)
+    # A killed run's temporary files: nothing else would remove them
+    drv.remove_partial_files(settings.output_dir / f"sub-{t1w.subject}")
     try:
-        outcome = process_t1w(t1w, settings, templates, work_dir, record)
+        if refusal is not None:
+            raise MemoryBudgetError(refusal)
+        outcome = process_t1w(t1w, settings, templates, work_dir, learnt)
     except MninormError as err:
         outcome = _failure(t1w, str(err), start)
+    except OSError as err:  # a full disk, a folder made read-only: the writes are atomic
+        log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
+        outcome = _failure(
+            t1w,
+            f"{type(err).__name__}: {err}; make room or fix the permissions, then run this "
+            "participant again (no output was left half-written)",
+            start,
+        )
     except Exception as err:  # anything else: still isolate it, and keep the traceback
         # INFO: the T1w's log file keeps it; the console shows it with -v.
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
         outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
-    _write_run_record(settings, t1w, outcome, record, run, started)
+    _write_run_record(settings, t1w, outcome, learnt, run, started, resume_fields)
     progress.announce(
         log, progress.T1wEnded(t1w.subject, prefix, outcome.ok, outcome.seconds),
         "sub-%s: %s %s; run record %s", t1w.subject, t1w.relpath,
@@ -559,35 +636,66 @@ def _write_report(subject: str, settings: Settings) -> None:
         log.warning("sub-%s: QC and report not written (%s: %s)", subject, type(err).__name__, err)
 
 
+def _write_started_record(
+    settings: Settings, t1w: T1wInput, run: RunInfo, started: str, resume_fields: dict
+) -> None:
+    """Before the first output is (over)written: a record without an end time, which resume
+    redoes and reports show as failed if the run is killed (it is replaced when the T1w ends)."""
+    record = RunRecord(
+        source=drv.bids_uri(t1w.relpath),
+        status="failed",
+        error=f"started at {started} and did not end (the run was killed or is still running)",
+        output_spaces=tuple(str(space) for space in settings.output_spaces),
+        preset=settings.preset,
+        engine=settings.engine,
+        random_seed=settings.random_seed,
+        run_uuid=run.run_uuid,
+        command_line=run.command_line,
+        run_start_time=run.start_time,
+        start_time=started,
+        extra=resume_fields,
+    )
+    try:
+        write_run_record(record, drv.run_record_path(settings.output_dir, t1w))
+    except OSError as err:  # as for the final record: its loss must not fail the T1w
+        log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
+
+
 def _write_run_record(
-    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, record: dict, run: RunInfo,
-    started: str,
+    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, learnt: dict, run: RunInfo,
+    started: str, resume_fields: dict | None = None,
 ) -> None:  # fmt: skip
     """What happened to one T1w, success or not, and in which run: reports and QC read it from
     disk."""
     out = settings.output_dir
-    record.update(
-        Status="ok" if outcome.ok else "failed",
-        Error=outcome.message or None,
-        TotalSeconds=round(outcome.seconds, 1),
-        OutputSpaces=[str(space) for space in settings.output_spaces],
-        Preset=settings.preset,
-        Engine=settings.engine,
-        RandomSeed=settings.random_seed,
-        Threads=settings.omp_nthreads,
-        Outputs=[drv.derivative_uri(out, path) for path in outcome.outputs],
-        Software=_software_versions(settings.engine),
-    )
-    # Provenance: the invocation (the same for all its participants) and this T1w's times
-    record.update(run.as_record())
-    record.update(
-        StartTime=started,
-        EndTime=utc_now(),
-        ThreadsTotal=settings.nthreads,
-        ParallelParticipants=1 if settings.in_process else settings.parallel_participants,
-    )
     try:
-        drv.write_json(record, drv.run_record_path(out, t1w))
+        record = RunRecord(
+            source=drv.bids_uri(t1w.relpath),
+            **learnt,
+            status="ok" if outcome.ok else "failed",
+            error=outcome.message or None,
+            total_seconds=round(outcome.seconds, 1),
+            output_spaces=tuple(str(space) for space in settings.output_spaces),
+            preset=settings.preset,
+            engine=settings.engine,
+            random_seed=settings.random_seed,
+            threads=settings.omp_nthreads,
+            outputs=tuple(drv.derivative_uri(out, path) for path in outcome.outputs),
+            software=_software_versions(settings.engine),
+            registration=_registration_record(settings),
+            # Provenance: the invocation (the same for all its participants) and this T1w's times
+            run_uuid=run.run_uuid,
+            command_line=run.command_line,
+            run_start_time=run.start_time,
+            cpu_count=run.cpu_count,
+            cpu_affinity_count=run.cpu_affinity,
+            start_time=started,
+            end_time=utc_now(),
+            threads_total=settings.nthreads,
+            parallel_participants=1 if settings.in_process else settings.parallel_participants,
+            extra=resume_fields or {},  # resume's "Resume" object (participant/resume.py)
+        )
+        write_run_record(record, drv.run_record_path(out, t1w))
     except OSError as err:  # the record is a convenience; its loss must not fail the T1w
         log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
 
@@ -604,9 +712,17 @@ def run_participants(
     """All participants, ``settings.parallel_participants`` at a time, each in its own process
     (with ``settings.in_process``, one after the other in this one).
 
+    With ``settings.mem_mb``, a participant starts only while the memory estimates of those
+    running and its own fit in it (``memory``), and one that alone needs more is not started: it
+    fails with that reason (first, here).
     Progress is announced as log records (``progress``): the run's start and end here, the rest
     by the participants; a participant's process sends its records here through a queue.
     """
+    plan, refusals = None, {}
+    if settings.mem_mb is not None:
+        plan = plan_memory(by_subject, settings, templates)
+        log.info("%s", plan.describe())
+        refusals = {subject: plan.refusal(subject) for subject in plan.too_large}
     parallel = 1 if settings.in_process else settings.parallel_participants
     if settings.dask_scheduler:
         parallel = len(by_subject)  # the cluster's workers decide; all are sent at once
@@ -620,35 +736,94 @@ def run_participants(
             from bids_app.participant.cluster import run_on_cluster
 
             return run_on_cluster(by_subject, settings, templates, run, verbosity)
+        outcomes = {}
+        for subject, reason in refusals.items():  # in this process, before any child starts
+            outcomes[subject] = run_participant(
+                subject, by_subject[subject], settings, templates, work_dir, run, verbosity, reason
+            )
+        runnable = {sub: t1ws for sub, t1ws in by_subject.items() if sub not in refusals}
         if settings.in_process:
-            return [
-                outcome
-                for subject, t1ws in by_subject.items()
-                for outcome in run_participant(
+            for subject, t1ws in runnable.items():
+                outcomes[subject] = run_participant(
                     subject, t1ws, settings, templates, work_dir, run, verbosity
                 )
-            ]
-        return _run_in_children(by_subject, settings, templates, work_dir, run, verbosity)
+        elif runnable:
+            outcomes.update(
+                _run_in_children(runnable, settings, templates, work_dir, run, verbosity, plan)
+            )
+        return [outcome for subject in by_subject for outcome in outcomes[subject]]
     finally:
         progress.announce(log, progress.RunEnded(), "every participant ran")
 
 
-def _run_in_children(by_subject, settings, templates, work_dir, run, verbosity):
+def plan_memory(by_subject: dict, settings: Settings, templates: Templates):
+    """Each participant's memory estimate against ``settings.mem_mb`` (``memory.MemoryPlan``)."""
+    from bids_app.memory import MemoryPlan, participant_estimate_mib, template_voxels
+
+    grids = {template_set.registration.t1w_path for template_set in templates.spaces.values()}
+    grids |= {t.t1w_path for s in templates.spaces.values() for t in s.outputs.values()}
+    if templates.brain is not None:
+        grids.add(templates.brain.t1w_path)
+    voxels = template_voxels(grids)
+    estimates = {
+        subject: participant_estimate_mib([t1w.path for t1w in t1ws], voxels)
+        for subject, t1ws in by_subject.items()
+    }
+    slots = 1 if settings.in_process else settings.parallel_participants
+    return MemoryPlan(settings.mem_mb, estimates, slots)
+
+
+def _run_in_children(
+    by_subject, settings, templates, work_dir, run, verbosity, plan=None
+) -> dict:  # fmt: skip
+    from bids_app.memory import MemoryBudget
+
     queue = get_context("spawn").Queue()
     listener = QueueListener(queue, logs.Relay())
     listener.start()
+    budget = MemoryBudget(plan.budget_mib) if plan is not None else None
+    stop = threading.Event()
+    threads = ThreadPoolExecutor(settings.parallel_participants)
+    futures = {}
     try:
         shared = (settings, templates, work_dir, run, verbosity, queue)
-        with ThreadPoolExecutor(settings.parallel_participants) as threads:
-            futures = [
-                threads.submit(_run_in_child, subject, t1ws, *shared)
-                for subject, t1ws in by_subject.items()
-            ]
-            return [outcome for future in futures for outcome in future.result()]
+        for subject, t1ws in by_subject.items():
+            memory = budget.reserve(plan.estimates_mib[subject]) if budget else nullcontext()
+            futures[subject] = threads.submit(
+                _run_within_budget, memory, stop, subject, t1ws, *shared
+            )
+        return {subject: future.result() for subject, future in futures.items()}
+    except BaseException:  # Ctrl-C, SIGTERM (cli): no new participant, and end the running ones
+        stop.set()
+        threads.shutdown(wait=False, cancel_futures=True)
+        _end_children(futures.values())
+        raise
     finally:
+        threads.shutdown(wait=True)
         listener.stop()  # after the records still in the queue
         queue.close()
         queue.join_thread()
+
+
+def _run_within_budget(reservation, stop: threading.Event, subject, t1ws, *args):
+    """Start the participant's process once its memory is reserved (``memory.MemoryBudget``),
+    unless the run is being stopped meanwhile."""
+    with reservation:
+        if stop.is_set():
+            start = time.perf_counter()
+            return [_failure(t1w, "not started: the run was interrupted", start) for t1w in t1ws]
+        return _run_in_child(subject, t1ws, *args)
+
+
+def _end_children(futures) -> None:
+    """Terminate the participants' processes until every thread that starts them is done (one
+    may be starting a process while this runs)."""
+    running = [future for future in futures if not future.done()]  # done: cancelled ones too
+    while running:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        wait(running, timeout=0.5)
+        running = [future for future in running if not future.done()]
 
 
 def _run_in_child(
@@ -664,7 +839,13 @@ def _run_in_child(
                 _participant_in_child, subject, t1ws, settings, templates, work_dir, run, verbosity
             ).result()
         except Exception as err:  # the process died (memory, segfault): report, go on
-            message = f"the participant's process died ({type(err).__name__}: {err})"
+            message = (
+                f"the participant's process died ({type(err).__name__}: {err}); if the system "
+                "ran out of memory, run fewer participants at once (--mem-mb) or give it more"
+            )
+            # A process killed while writing leaves the temporary file of that write behind.
+            for path in drv.remove_partial_files(settings.output_dir / f"sub-{subject}"):
+                log.info("sub-%s: removed %s, left half-written by the process", subject, path)
             outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
             event = progress.ParticipantEnded(subject, 0, len(t1ws), 0.0)
             progress.announce(log, event, "sub-%s: the participant's process died", subject)

@@ -1,9 +1,10 @@
 """Resume: which T1w a run can skip because its outputs are already there, complete, and made from
 the same input with the same output-affecting settings.
 
-The proof is the T1w's run record: its ``"Resume"`` object (written by ``resume_record``) holds the
-input's content hash and the settings that change the outputs. A record without an end time is a
-run that was killed (``mark_started`` writes one before the first output): it is redone.
+The proof is the T1w's run record: its ``"Resume"`` object (made by ``resume_record``, kept in
+``RunRecord.extra``) holds the input's content hash and the settings that change the outputs. A
+record without an end time is a run that was killed (the pipeline writes one before the first
+output): it is redone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bids_app.outputs import derivatives as drv
-from bids_app.participant.discovery import T1wInput
+from bids_app.outputs.source import T1wInput
 from bids_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,6 @@ def fingerprint(t1w: T1wInput, settings: Settings) -> Fingerprint:
 def resume_record(print_: Fingerprint) -> dict:
     """The run record's ``"Resume"`` object: the one place resume's fields are written."""
     return {"Resume": print_.as_record()}
-
-
-def mark_started(settings: Settings, t1w: T1wInput, record: dict) -> None:
-    """Before the first output is (over)written: a record without an end time, so that a run
-    killed from here on is redone, never mistaken for the previous complete one."""
-    try:
-        drv.write_json(record, drv.run_record_path(settings.output_dir, t1w))
-    except OSError as err:  # as for the final record: its loss must not fail the T1w
-        log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
-
-
-def remove_partial_files(settings: Settings, t1w: T1wInput) -> None:
-    """The temporary files of a killed run of ``t1w`` (atomic writes' ``.<name>.part``): the
-    new run writes its own, and nothing else would remove them."""
-    prefix = drv.source_prefix(t1w)
-    for path in drv.anat_dir(settings.output_dir, t1w).glob(f".{prefix}_*.part*"):
-        path.unlink(missing_ok=True)
 
 
 def decide(t1w: T1wInput, settings: Settings, print_: Fingerprint) -> Decision:

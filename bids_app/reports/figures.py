@@ -91,7 +91,7 @@ def plot_mosaic(
         if window_mask is None
         else np.asarray(window_mask.dataobj) > 0
     )
-    vmin, vmax = _window(data, None if window_mask is None else inside)
+    vmin, vmax = grey_window(data, None if window_mask is None else inside)
 
     n = max(len(cuts.of(view)) for view in VIEWS)
     colour_bar = overlay is not None
@@ -108,18 +108,18 @@ def plot_mosaic(
             axes.set_axis_off()
             aspect = _aspect(view, zooms)
             axes.imshow(
-                _slice(data, view, index), cmap="gray", vmin=vmin, vmax=vmax,
+                take_slice(data, view, index), cmap="gray", vmin=vmin, vmax=vmax,
                 origin="lower", aspect=aspect, interpolation="bilinear",
             )  # fmt: skip
             if overlay_data is not None:
-                values = _slice(overlay_data, view, index)
+                values = take_slice(overlay_data, view, index)
                 image = axes.imshow(
-                    np.ma.masked_where(~_slice(inside, view, index), values), cmap="RdBu_r",
+                    np.ma.masked_where(~take_slice(inside, view, index), values), cmap="RdBu_r",
                     vmin=-overlay_limit, vmax=overlay_limit, origin="lower", aspect=aspect,
                     interpolation="nearest", alpha=0.85,
                 )  # fmt: skip
             for mask, colour in outline_data:
-                section = _slice(mask, view, index).astype(np.float32)
+                section = take_slice(mask, view, index).astype(np.float32)
                 if section.any():
                     axes.contour(section, levels=[0.5], colors=[colour], linewidths=1.0)
             axes.text(
@@ -136,7 +136,9 @@ def plot_mosaic(
     return path
 
 
-def _window(data: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+def grey_window(data: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+    """The grey-level range shown (0.5th to 99.5th percentile), over ``mask`` or the nonzero
+    voxels; the group pictures (group/pictures.py) window their sections the same way."""
     values = data[mask > 0] if mask is not None and (mask > 0).any() else data[data != 0]
     if values.size == 0:
         return 0.0, 1.0
@@ -144,7 +146,7 @@ def _window(data: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1)
 
 
-def _slice(data: np.ndarray, view: str, index: int) -> np.ndarray:
+def take_slice(data: np.ndarray, view: str, index: int) -> np.ndarray:
     """A 2D section, transposed so that rows go up (superior or anterior) with origin='lower'."""
     axis = VIEWS.index(view)
     index = int(np.clip(index, 0, data.shape[axis] - 1))

@@ -1,12 +1,15 @@
 """The methods paragraph (``logs/CITATION.md``), written from what the run records and sidecars say
 ran, never from what a run usually does.
 
-* the registration: the engine and preset each run record names, described by that engine's preset
-  object (``Preset.methods()``: stages, metrics, iterations, grid); a preset this version does not
-  know is named with the one-line stages its sidecar recorded;
+* the registration: the sentences and references each run record keeps of the engine's preset it
+  ran (``RunRecord.registration``, written by the pipeline from the registry: stages, metrics,
+  iterations, grid); a record older than those is named with the one-line stages its sidecar
+  recorded;
 * the brain mask and the interpolation of the outputs: the text the run recorded in its sidecars;
-* the references: those of the software the text names (each engine has its own), and each
-  template's from its ``template_description.json``.
+* the references: those of the software the text names (each engine's as its records keep them),
+  and each template's from its ``template_description.json``.
+
+It reads the output folder only: neither the registration package nor the participant steps.
 
 A reference is listed only if the paragraph cites its ``[key]``.
 """
@@ -16,12 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_app import __version__
 from bids_app.outputs import derivatives as drv
-from bids_app.registration.registry import ENGINES, get_preset
+from bids_app.outputs.record import RunRecord
 from bids_app.reports import qc
 
 log = logging.getLogger(__name__)
@@ -73,72 +76,70 @@ _OUTPUT_WORDS = {
 
 @dataclass(frozen=True)
 class RecordedRegistration:
-    """What one T1w's run record and template-space sidecar say about its registration."""
+    """What one T1w's run record (and, for an older record, its template-space sidecar) says
+    about its registration."""
 
-    engine: str | None  # a key of registration.base.ENGINES; None: not recorded
-    engine_label: str | None  # as the sidecar names it
+    engine: str | None  # the --engine name; None: not recorded
+    engine_label: str | None  # as the sidecars name it
+    package: str | None  # the engine's distribution; None: not recorded
     preset: str | None
-    stages: str | None  # the one line the sidecar recorded ("Stages")
-
-    @property
-    def preset_object(self):
-        """The engine's preset of that name, or None when this version does not know it."""
-        if self.engine is None or self.preset is None:
-            return None
-        try:
-            return get_preset(self.engine, self.preset)
-        except ValueError:
-            return None
+    stages: str | None  # the preset's one line
+    recorded_sentences: tuple[str, ...] = ()  # the preset's methods sentences, as it ran
+    cited: dict = field(default_factory=dict, hash=False, compare=False)  # key -> reference
 
     def summary(self) -> str:
         """One line for the report: engine, preset and its stages."""
-        preset = self.preset_object
-        stages = preset.description if preset is not None else self.stages
-        engine = self.engine_label or "engine not recorded"
-        return f"{engine}, preset {self.preset}" + (f": {stages}" if stages else "")
+        engine = self.engine_label or self.engine or "engine not recorded"
+        return f"{engine}, preset {self.preset}" + (f": {self.stages}" if self.stages else "")
 
     def sentences(self) -> tuple[str, ...]:
-        preset = self.preset_object
-        if preset is not None:
-            return preset.methods(masks=True)
+        if self.recorded_sentences:
+            return self.recorded_sentences
         stages = f" ({self.stages})" if self.stages else ""
         engine = self.engine_label or "a registration engine that was not recorded"
         return (f"Registration used {engine}, preset `{self.preset}`{stages}.",)
 
     def references(self) -> dict[str, str]:
-        preset = self.preset_object
-        return dict(preset.references) if preset is not None else {}
+        return dict(self.cited)
 
 
-def recorded_registration(content: dict, sidecar: dict | None = None) -> RecordedRegistration:
-    """The registration a run record (``content``) and its space sidecar say ran."""
+def recorded_registration(content: RunRecord, sidecar: dict | None = None) -> RecordedRegistration:
+    """The registration a run record (``content``) says ran; a record older than its
+    ``Registration`` entry is completed from its space sidecar (``sidecar``), and claims nothing
+    more than those two say."""
+    recorded = content.registration
+    if recorded is not None:
+        return RecordedRegistration(
+            engine=content.engine,
+            engine_label=recorded.engine_label,
+            package=recorded.engine_package,
+            preset=recorded.preset or content.preset,
+            stages=recorded.stages,
+            recorded_sentences=recorded.methods,
+            cited=dict(recorded.references),
+        )
     registration = (sidecar or {}).get("Registration") or {}
-    engine = content.get("Engine")
-    if engine not in ENGINES:
-        by_label = {info.label: key for key, info in ENGINES.items()}
-        engine = by_label.get(registration.get("Engine"))
-    label = ENGINES[engine].label if engine is not None else registration.get("Engine")
     return RecordedRegistration(
-        engine=engine,
-        engine_label=label,
-        preset=content.get("Preset") or registration.get("Preset"),
+        engine=content.engine,
+        engine_label=registration.get("Engine"),
+        package=None,
+        preset=content.preset or registration.get("Preset"),
         stages=registration.get("Stages"),
     )
 
 
-def methods_text(output_dir: Path, records: list[qc.RunRecord], fetch_template) -> str:
+def methods_text(output_dir: Path, records: list[qc.T1wRecord], fetch_template) -> str:
     """``logs/CITATION.md``: paragraphs to paste into a paper, with their references."""
     ok = [r for r in records if r.ok] or records
     sidecars = {r: _space_sidecar(output_dir, r) for r in ok}
     registrations = {r: recorded_registration(r.content, sidecars[r]) for r in ok}
-    software = ok[0].content.get("Software", {})
+    software = ok[0].content.software
     template_texts, template_refs = _templates(ok, fetch_template)
     references = dict(REFERENCES)
     for registration in registrations.values():
         references.update(registration.references())
 
-    engines = [reg.engine for reg in registrations.values() if reg.engine is not None]
-    packages = [ENGINES[engine].package for engine in dict.fromkeys(engines)]
+    packages = [reg.package for reg in registrations.values() if reg.package is not None]
     tools = [
         _software(package, software.get(package, "unknown"))
         for package in dict.fromkeys([*packages, "antspyx", "nibabel", "templateflow"])
@@ -202,16 +203,18 @@ def _registration_sentences(registrations: dict) -> str:
     return " ".join(texts)
 
 
-def _seed_sentence(records: list[qc.RunRecord]) -> str:
+def _seed_sentence(records: list[qc.T1wRecord]) -> str:
     seeds = list(
-        dict.fromkeys(str(r.content["RandomSeed"]) for r in records if "RandomSeed" in r.content)
+        dict.fromkeys(
+            str(r.content.random_seed) for r in records if r.content.random_seed is not None
+        )
     )
     if not seeds:
         return ""
     return f" The random seed was {_join(seeds)}."
 
 
-def _brain_mask_sentence(output_dir: Path, records: list[qc.RunRecord]) -> str:
+def _brain_mask_sentence(output_dir: Path, records: list[qc.T1wRecord]) -> str:
     """The brain-mask method each T1w's sidecars recorded, as recorded."""
     methods: dict[str, list[str]] = {}
     for record in records:
@@ -229,7 +232,7 @@ def _brain_mask_sentence(output_dir: Path, records: list[qc.RunRecord]) -> str:
     )
 
 
-def _recorded_brain_mask(output_dir: Path, record: qc.RunRecord) -> str | None:
+def _recorded_brain_mask(output_dir: Path, record: qc.T1wRecord) -> str | None:
     native_t1w = drv.native_path(output_dir, record.t1w, "t1w")
     native_mask = drv.native_path(output_dir, record.t1w, "mask")
     method = _read_json(drv.sidecar_path(native_t1w)).get("BrainMaskMethod")
@@ -254,7 +257,7 @@ def _outputs_sentence(sidecars: dict) -> str:
     )
 
 
-def _templates(records: list[qc.RunRecord], fetch_template) -> tuple[list[str], list[str]]:
+def _templates(records: list[qc.T1wRecord], fetch_template) -> tuple[list[str], list[str]]:
     """How the text names each template, and the template references."""
     names = list(dict.fromkeys(t for r in records for t in qc.spaces_by_template(r)))
     texts, references = [], []
@@ -295,7 +298,7 @@ def _doi(link: str) -> str:
     return text
 
 
-def _space_sidecar(output_dir: Path, record: qc.RunRecord) -> dict:
+def _space_sidecar(output_dir: Path, record: qc.T1wRecord) -> dict:
     for template, spaces in qc.spaces_by_template(record).items():
         path = drv.sidecar_path(drv.space_path(output_dir, record.t1w, "t1w", spaces[0]))
         sidecar = _read_json(path)

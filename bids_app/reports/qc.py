@@ -13,7 +13,6 @@ concatenate into a group table that sorts by ``participant_status`` or ``status`
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -22,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_app.errors import RunRecordError
 from bids_app.measures.maskcheck import LIMITS as MASK_LIMITS
 from bids_app.measures.maskcheck import OUTSIDE_DISTANCE_MM, check_mask
+from bids_app.measures.similarity import MI_BINS, correlation, dice, mutual_information
 from bids_app.outputs import derivatives as drv
-from bids_app.participant.discovery import T1wInput
+from bids_app.outputs.record import RunRecord, read_run_record
+from bids_app.outputs.source import T1wInput
 from bids_app.settings import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ STATUSES = ("pass", "warn", "fail")  # from best to worst
 
 # A determinant <= 0 is folding. The on-disk log-Jacobian maps floor it at log(1e-6); QC recomputes
 # determinants from the transform itself, so the count is exact.
-_MI_BINS = 32
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ COLUMNS: dict[str, str] = {
     "run_status": "ok or failed (from the run record)",
     "ncc": "Pearson (normalised cross-) correlation of the normalised T1w with the template T1w "
     "inside the template's brain mask; 1 = identical up to brightness and contrast",
-    "mi": f"mutual information (bits, {_MI_BINS}x{_MI_BINS} histogram) of the normalised T1w and "
+    "mi": f"mutual information (bits, {MI_BINS}x{MI_BINS} histogram) of the normalised T1w and "
     "the template T1w inside the template's brain mask",
     "nmi": "normalised mutual information (H(a) + H(b)) / H(a, b), between 1 (independent) and 2",
     "dice": "Dice overlap of the brain mask in template space with the template's brain mask",
@@ -178,16 +179,17 @@ COLUMNS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class RunRecord:
-    """What the pipeline recorded for one T1w, and where that T1w's outputs are."""
+class T1wRecord:
+    """The run record of one T1w as found on disk, and that T1w (whose outputs are named after
+    it)."""
 
     t1w: T1wInput
     path: Path
-    content: dict = field(hash=False, compare=False)
+    content: RunRecord = field(hash=False, compare=False)
 
     @property
     def ok(self) -> bool:
-        return self.content.get("Status") == "ok"
+        return self.content.ok
 
     @property
     def prefix(self) -> str:
@@ -207,7 +209,7 @@ class SpaceQC:
 
 @dataclass(frozen=True)
 class T1wQC:
-    record: RunRecord
+    record: T1wRecord
     spaces: tuple[SpaceQC, ...]
 
     @property
@@ -223,16 +225,17 @@ def worst(statuses) -> str:
 # ---- reading what is on disk -----------------------------------------------------------------
 
 
-def collect_records(output_dir: Path, subject: str) -> list[RunRecord]:
-    """Every run record of one participant (all sessions and runs), sorted by source."""
+def collect_records(output_dir: Path, subject: str) -> list[T1wRecord]:
+    """Every readable run record of one participant (all sessions and runs), sorted by source; an
+    unreadable one is skipped with a warning."""
     records = []
     for path in sorted(drv.run_record_dir(output_dir, subject).glob(f"*_{drv.RUN_RECORD}")):
         try:
-            content = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("sub-%s: unreadable run record %s (%s); skipped", subject, path, err)
+            content = read_run_record(path)
+        except RunRecordError as err:
+            log.warning("sub-%s: %s; skipped", subject, err)
             continue
-        records.append(RunRecord(_t1w_from_record(subject, path, content), path, content))
+        records.append(T1wRecord(_t1w_from_record(subject, path, content), path, content))
     return records
 
 
@@ -245,20 +248,20 @@ def subjects_on_disk(output_dir: Path) -> list[str]:
     )
 
 
-def _t1w_from_record(subject: str, path: Path, content: dict) -> T1wInput:
-    source = str(content.get("Source", ""))
+def _t1w_from_record(subject: str, path: Path, content: RunRecord) -> T1wInput:
+    source = str(content.source)
     relpath = source.split(":", 2)[-1] if source.startswith("bids:") else ""
     prefix = path.name[: -len(f"_{drv.RUN_RECORD}")]
-    if not relpath:  # an old or hand-made record: rebuild the name from the prefix
+    if not relpath:  # a hand-made record: rebuild the name from the prefix
         relpath = f"{prefix}_T1w.nii.gz"
     entities = dict(part.split("-", 1) for part in prefix.split("_") if "-" in part)
     session = {"session": entities["ses"]} if "ses" in entities else {}
     return T1wInput(subject=subject, path=Path(relpath), relpath=relpath, entities=session)
 
 
-def spaces_by_template(record: RunRecord) -> dict[str, list[OutputSpace]]:
+def spaces_by_template(record: T1wRecord) -> dict[str, list[OutputSpace]]:
     spaces: dict[str, list[OutputSpace]] = {}
-    for text in record.content.get("OutputSpaces", []):
+    for text in record.content.output_spaces:
         space = parse_output_space(text)
         spaces.setdefault(space.template, []).append(space)
     return spaces
@@ -272,39 +275,6 @@ def measured_space(spaces: list[OutputSpace], fetch_template: Callable) -> Outpu
 
 
 # ---- metrics ---------------------------------------------------------------------------------
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = _MI_BINS) -> tuple[float, float]:
-    """(mutual information in bits, normalised mutual information) of two samples."""
-
-    def _clipped(x):
-        low, high = np.percentile(x, [0.5, 99.5])
-        return np.clip(x, low, high), (low, high if high > low else low + 1)
-
-    a, a_range = _clipped(a.astype(np.float64).ravel())
-    b, b_range = _clipped(b.astype(np.float64).ravel())
-    joint, _, _ = np.histogram2d(a, b, bins=bins, range=(a_range, b_range))
-    joint /= joint.sum()
-
-    def _entropy(p):
-        p = p[p > 0]
-        return float(-(p * np.log2(p)).sum())
-
-    h_a, h_b, h_ab = _entropy(joint.sum(1)), _entropy(joint.sum(0)), _entropy(joint)
-    return h_a + h_b - h_ab, ((h_a + h_b) / h_ab if h_ab > 0 else float("nan"))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = int(a.sum() + b.sum())
-    return 2 * int((a & b).sum()) / total if total else float("nan")
 
 
 def jacobian_summary(composite, template_mask_img) -> dict:
@@ -349,12 +319,12 @@ def grade(metrics: dict) -> tuple[str, tuple[str, ...]]:
 # ---- one T1w ---------------------------------------------------------------------------------
 
 
-def measure_t1w(output_dir: Path, record: RunRecord, fetch_template: Callable) -> T1wQC:
+def measure_t1w(output_dir: Path, record: T1wRecord, fetch_template: Callable) -> T1wQC:
     """QC rows of one T1w: one per template it was (or should have been) registered to."""
     rows = []
     for template, spaces in spaces_by_template(record).items():
         if not record.ok:
-            error = record.content.get("Error") or "unknown error"
+            error = record.content.error or "unknown error"
             rows.append(SpaceQC(template, None, {}, "fail", (f"the run failed: {error}",)))
             continue
         try:
@@ -374,7 +344,7 @@ def measure_t1w(output_dir: Path, record: RunRecord, fetch_template: Callable) -
     return T1wQC(record, tuple(rows))
 
 
-def measure_space(output_dir: Path, record: RunRecord, space: OutputSpace, fetch_template) -> dict:
+def measure_space(output_dir: Path, record: T1wRecord, space: OutputSpace, fetch_template) -> dict:
     import nibabel as nib
 
     from bids_app.transforms import read_composite
@@ -437,34 +407,32 @@ def _load(path: Path):
 def table_rows(qc: T1wQC, participant_status: str) -> list[dict]:
     content = qc.record.content
     session = qc.record.t1w.session
-    fixes = content.get("HeaderFixes") or []
-    steps = content.get("StepSeconds") or {}
-    extraction = content.get("BrainExtraction") or {}
+    extraction = content.brain_extraction
     rows = []
     for space_qc in qc.spaces:
         row = {
             "participant_id": f"sub-{qc.record.t1w.subject}",
             "session_id": f"ses-{session}" if session else None,
-            "source": content.get("Source"),
+            "source": content.source,
             "template": space_qc.template,
             "space": str(space_qc.space) if space_qc.space else None,
             "participant_status": participant_status,
             "status": space_qc.status,
             "status_reasons": "; ".join(space_qc.reasons) or None,
-            "run_status": content.get("Status"),
+            "run_status": content.status,
         }
         for column in COLUMNS:
             if column not in row and column in space_qc.metrics:
                 row[column] = space_qc.metrics[column]
         row.update(
-            source_orientation=content.get("SourceOrientation"),
-            header_fixes="; ".join(fixes) or None,
-            skull_strip=content.get("SkullStripDecision"),
-            extraction_attempts=len(extraction.get("Attempts", [])) or None,
-            extraction_kept=extraction.get("KeptAttempt"),
-            preset=content.get("Preset"),
-            seconds_total=content.get("TotalSeconds"),
-            step_seconds="; ".join(f"{k}={v:g}" for k, v in steps.items()) or None,
+            source_orientation=content.source_orientation,
+            header_fixes="; ".join(content.header_fixes or ()) or None,
+            skull_strip=content.skull_strip_decision,
+            extraction_attempts=(len(extraction.attempts) or None) if extraction else None,
+            extraction_kept=extraction.kept_attempt if extraction else None,
+            preset=content.preset,
+            seconds_total=content.total_seconds,
+            step_seconds="; ".join(f"{k}={v:g}" for k, v in content.step_seconds.items()) or None,
         )
         rows.append({column: row.get(column) for column in COLUMNS})
     return rows

@@ -139,7 +139,7 @@ def warp_image(
     """Resample an image into the template (``to`` = template) or onto the T1w grid."""
     import ants
 
-    from bids_app.participant.images import ants_to_nifti, nifti_to_ants
+    from bids_app.transforms.orientation import ants_to_nifti, nifti_to_ants
 
     if not image_path.is_file():
         raise MissingInputError(f"image {image_path} does not exist")

@@ -1,4 +1,5 @@
-"""The one place where RAS (NIfTI, nibabel, our outputs) meets LPS (ITK, ANTs, Greedy).
+"""The one place where RAS (NIfTI, nibabel, our outputs) meets LPS (ITK, ANTs, Greedy), and the
+only conversion between nibabel and ANTs images.
 
 ITK stores points, vectors and grids in LPS: x and y point the other way. Every conversion in the
 package goes through these functions, so a sign can only be wrong in one place.
@@ -6,6 +7,7 @@ package goes through these functions, so a sign can only be wrong in one place.
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 
 LPS_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse: RAS <-> LPS for points and vectors
@@ -37,3 +39,25 @@ def itk_grid_from_ras(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     lps = LPS_RAS @ np.asarray(affine, dtype=float)[:3, :3]
     spacing = np.sqrt((lps**2).sum(axis=0))
     return lps_ras_flip(np.asarray(affine, dtype=float)[:3, 3]), spacing, lps / spacing
+
+
+def nifti_to_ants(img: nib.Nifti1Image):
+    """A nibabel image as an ANTs image with the same voxels and physical space."""
+    import ants
+
+    origin, spacing, direction = itk_grid_from_ras(img.affine)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return ants.from_numpy(
+        data, origin=origin.tolist(), spacing=spacing.tolist(), direction=direction
+    )
+
+
+def ants_to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
+    """An ANTs image as a nibabel image (RAS affine), with sform and qform set."""
+    affine = ras_affine_from_itk(
+        np.asarray(image.origin), np.asarray(image.spacing), np.asarray(image.direction)
+    )
+    out = nib.Nifti1Image(image.numpy().astype(dtype), affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
