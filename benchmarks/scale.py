@@ -270,6 +270,9 @@ def bench_dask(out: Path, participants: int) -> dict:
     for folder in (local_out, dask_out):
         shutil.rmtree(folder, ignore_errors=True)
     rows["local executor, --nthreads 2 --omp-nthreads 1"] = _mninorm(root, local_out, templateflow)
+    # The workers unpickle the fake engine: they need tests/ on their path (they inherit this)
+    os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests")))
+    os.environ["TEMPLATEFLOW_HOME"] = str(templateflow)
     with dask.config.set({"distributed.worker.daemon": False}):
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
@@ -327,7 +330,7 @@ def bench_group(out: Path, participants: int) -> dict:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         print(
-            f"{participants} synthetic participants written in "
+            f"{unique} synthetic participants written in "
             f"{time.perf_counter() - started:.0f} s"
         )
     rows = {}
