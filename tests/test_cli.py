@@ -129,15 +129,14 @@ def test_run_records_keep_their_keys_in_their_order(run):
               "HeaderFixes", "SkullStripDecision"]  # fmt: skip
     extracted = _record(run["out"], "02", "sub-02")  # its brain extracted: every attempt kept
     # "Resume" (participant/resume.py) rides in the record's extra keys, after the others
-    assert list(extracted) == [
-        *learnt, "BrainExtraction", *_OUTCOME_KEYS, *_INVOCATION_KEYS, "Resume"
-    ]
+    ending = [*_OUTCOME_KEYS, *_INVOCATION_KEYS, "Resume"]
+    assert list(extracted) == [*learnt, "BrainExtraction", *ending]
     assert extracted["Registration"]["Engine"] and extracted["Registration"]["Methods"]
     stripped = _record(run["out"], "01", "sub-01_ses-1_run-1")  # skull-stripped already
     assert stripped["SkullStripDecision"] == "auto: input already skull-stripped"
-    assert list(stripped) == [*learnt, *_OUTCOME_KEYS, *_INVOCATION_KEYS, "Resume"]
+    assert list(stripped) == [*learnt, *ending]
     failed = _record(run["out"], "03", "sub-03")  # failed on loading: nothing learnt about it
-    assert list(failed) == ["Source", "StepSeconds", *_OUTCOME_KEYS, *_INVOCATION_KEYS, "Resume"]
+    assert list(failed) == ["Source", "StepSeconds", *ending]
 
 
 def test_the_report_tells_about_the_run(run):
