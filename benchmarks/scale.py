@@ -270,8 +270,10 @@ def bench_dask(out: Path, participants: int) -> dict:
     for folder in (local_out, dask_out):
         shutil.rmtree(folder, ignore_errors=True)
     rows["local executor, --nthreads 2 --omp-nthreads 1"] = _mninorm(root, local_out, templateflow)
-    # The workers unpickle the fake engine: they need tests/ on their path (they inherit this)
+    # The scheduler (here) and the workers unpickle the fake engine: tests/ on their paths (the
+    # workers inherit the environment)
     os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests")))
+    sys.path.insert(0, str(ROOT / "tests"))
     os.environ["TEMPLATEFLOW_HOME"] = str(templateflow)
     with dask.config.set({"distributed.worker.daemon": False}):
         cluster = distributed.LocalCluster(
