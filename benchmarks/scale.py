@@ -331,10 +331,7 @@ def bench_group(out: Path, participants: int) -> dict:
             check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        print(
-            f"{unique} synthetic participants written in "
-            f"{time.perf_counter() - started:.0f} s"
-        )
+        print(f"{unique} synthetic participants written in {time.perf_counter() - started:.0f} s")
     rows = {}
     for workers in (1, 2):
         done = subprocess.run(
