@@ -48,8 +48,9 @@ ARG PIP_FIND_LINKS
 ARG PIP_INDEX_URL
 WORKDIR /build
 COPY pyproject.toml ./
-# The installed extras: dask (--dask-scheduler and dask-jobqueue clusters, docs/scale.md).
-ARG EXTRAS="dask"
+# The installed extras: stats (group statistics), dask (--dask-scheduler and dask-jobqueue
+# clusters, docs/scale.md).
+ARG EXTRAS="stats dask"
 RUN python3 -m venv "$VIRTUAL_ENV" \
  && python3 -c "import os, tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + [d for extra in os.environ['EXTRAS'].split() for d in project['optional-dependencies'][extra]]; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && cat requirements.txt \

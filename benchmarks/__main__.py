@@ -5,6 +5,7 @@ python -m benchmarks run --out bench_results/               # the full run (hour
 python -m benchmarks run --cases ds01-2mm --settings greedy,mninorm-fast --force
 python -m benchmarks report --out bench_results/            # rebuild results.md from the CSV
 python -m benchmarks heads --out bench_heads/               # whole-head brain extraction (~1 h)
+python -m benchmarks stats --out bench_stats/               # group statistics (synthetic cohorts)
 python -m benchmarks scale --out bench_scale/               # indexing and resume at scale (~5 min)
 """
 
@@ -61,6 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="rebuild heads.md from heads.csv, run nothing"
     )
     heads.add_argument("-v", "--verbose", action="store_true")
+    stats = commands.add_parser(
+        "stats", help="group statistics on synthetic cohorts (benchmarks/group_stats.py)"
+    )
+    stats.add_argument("--out", type=Path, default=Path("bench_stats"), help="results folder")
+    stats.add_argument(
+        "--studies", type=_names, default=["sensitivity", "target", "null", "timing"],
+        help="comma-separated: sensitivity, target, null, timing (default: all)",
+    )  # fmt: skip
+    stats.add_argument("--participants", type=int, default=20, help="per cohort (20)")
+    stats.add_argument("--null-cohorts", type=int, default=100, help="null cohorts (100)")
+    stats.add_argument(
+        "--null-permutations", type=int, default=100, help="permutations per null cohort (100)"
+    )
+    stats.add_argument(
+        "--null-step", type=int, default=3, help="null grid: every Nth 2 mm voxel (3: 6 mm)"
+    )
+    stats.add_argument(
+        "--null-shard", default="0/1", metavar="K/N",
+        help="run the null cohorts i with i %% N == K only (parallel shards; the summary merges "
+        "every shard in --out)",
+    )  # fmt: skip
+    stats.add_argument("--n-permutations", type=int, default=1000, help="timing study (1000)")
+    stats.add_argument(
+        "--tfce-permutations", type=int, default=100,
+        help="TFCE permutations of the sensitivity and target studies (100)",
+    )  # fmt: skip
+    stats.add_argument("--jobs", type=int, default=2, help="permutation processes (2)")
+    stats.add_argument("--seed", type=int, default=0)
+    stats.add_argument("-v", "--verbose", action="store_true")
     scale = commands.add_parser(
         "scale", help="indexing a large dataset, resuming a finished run (benchmarks/scale.py)"
     )
@@ -85,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard(text: str) -> tuple[int, int]:
+    shard, _, shards = text.partition("/")
+    return int(shard), int(shards or 1)
+
+
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -103,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_heads(
             args.out, args.cases, args.settings, args.threads, args.force, args.report_only
         )
+    if args.command == "stats":
+        from benchmarks.group_stats import StatsSettings
+        from benchmarks.group_stats import run as run_stats
+
+        settings = StatsSettings(
+            args.out, tuple(args.studies), participants=args.participants,
+            null_cohorts=args.null_cohorts, null_permutations=args.null_permutations,
+            null_step=args.null_step, null_shard=_shard(args.null_shard),
+            n_permutations=args.n_permutations,
+            sensitivity_tfce_permutations=args.tfce_permutations, jobs=args.jobs, seed=args.seed,
+        )  # fmt: skip
+        return run_stats(settings, ["python", "-m", "benchmarks", *(argv or sys.argv[1:])])
     if args.command == "scale":
         from benchmarks.scale import run as run_scale
 

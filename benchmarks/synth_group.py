@@ -32,7 +32,7 @@ import numpy as np
 from bids_app.outputs import derivatives as drv
 from bids_app.participant.discovery import T1wInput
 from bids_app.reports import qc
-from bids_app.settings import OutputSpace, parse_output_space
+from bids_app.spaces import OutputSpace, parse_output_space
 
 SHARED_TEMPLATEFLOW = Path(__file__).resolve().parents[2] / "shared" / "data" / "templateflow"
 # The planted sphere, in template (MNI) millimetres: left posterior insula / putamen region.

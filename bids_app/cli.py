@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -21,14 +22,15 @@ from bids_app.outputs.provenance import RunInfo, start_run
 from bids_app.registration.registry import DEFAULT_ENGINE, ENGINES, EngineFactory, get_engine
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
+    DEFAULT_PERMUTATIONS,
     DEFAULT_SEED,
-    DEFAULT_SPACE,
+    DEFAULT_SMOOTHING_FWHM,
     PRESETS,
     SKULL_STRIP_MODES,
     Settings,
     check_folders,
-    parse_output_spaces,
 )
+from bids_app.spaces import DEFAULT_SPACE, parse_output_spaces
 
 log = logging.getLogger("bids_app")
 
@@ -108,10 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     method = parser.add_argument_group("normalisation")
     method.add_argument(
         "--output-spaces", nargs="+", default=[DEFAULT_SPACE], metavar="SPACE",
-        help="TemplateFlow templates, each optionally with a resolution index: "
-        "MNI152NLin2009cAsym, MNI152NLin6Asym:res-2 (res-N is TemplateFlow's index, not mm; "
-        f"default {DEFAULT_SPACE} on its res-1 grid). T1w (fMRIPrep's name for the native space) "
-        "is accepted and adds nothing: the native outputs are always written",
+        help="TemplateFlow templates, each optionally with a cohort and a resolution index: "
+        "MNI152NLin2009cAsym, MNI152NLin6Asym:res-2, MNI305, MNIPediatricAsym:cohort-2 (res-N is "
+        "TemplateFlow's index, not mm; without it, the registration grid: res-1, or the "
+        f"template's single grid, or the finest one available; default {DEFAULT_SPACE}), or a "
+        "custom template's folder path/to/tpl-<Name> (TemplateFlow's layout: a T1w and a "
+        "desc-brain_mask). T1w (fMRIPrep's name for the native space) is accepted and adds "
+        "nothing: the native outputs are always written",
     )  # fmt: skip
     method.add_argument(
         "--preset", choices=PRESETS, default="precise",
@@ -142,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     method.add_argument(
         "--random-seed", type=int, default=DEFAULT_SEED,
-        help=f"seed for ANTs' sampling (default {DEFAULT_SEED}; recorded in every sidecar)",
+        help=f"seed for ANTs' sampling and the group level's permutations (default {DEFAULT_SEED}; "
+        "recorded in every sidecar)",
     )  # fmt: skip
 
     run = parser.add_argument_group("resources")
@@ -172,7 +178,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by", metavar="COLUMN",
         help="group level: compare the log-Jacobian maps voxel-wise between the groups of this "
         "participants.tsv column (read from bids_dir): a t map for two groups, an F map for "
-        "more; participants with n/a are left out",
+        "more, a slope for a numeric column; with the model options below (smoothing, "
+        "covariates, permutations); participants with n/a are left out",
+    )  # fmt: skip
+    group.add_argument(
+        "--covariates", nargs="+", metavar="COLUMN", default=[],
+        help="group level: nuisance covariates of the model, participants.tsv columns (numbers "
+        "as they are, text coded one indicator per level) or 'brain_volume' (the brain volume "
+        "mninorm measured); participants with n/a in any are left out",
+    )  # fmt: skip
+    group.add_argument(
+        "--smoothing-fwhm", type=float, default=DEFAULT_SMOOTHING_FWHM, metavar="MM",
+        help="group level: Gaussian smoothing of the log-Jacobian maps inside the brain before "
+        f"the model (default {DEFAULT_SMOOTHING_FWHM:g} mm; 0: none)",
+    )  # fmt: skip
+    group.add_argument(
+        "--n-permutations", type=int, metavar="N",
+        help="group level: permutations for family-wise error correction (default "
+        f"{DEFAULT_PERMUTATIONS}, or 0 with a warning when nilearn, the 'stats' extra, is not "
+        "installed; seeded by --random-seed; 0: parametric maps only)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tfce", action="store_true",
+        help="group level: also threshold-free cluster enhancement with FWE correction (about "
+        "3 s per permutation on a 2 mm grid with 2 cores: use fewer permutations or a coarser "
+        "grid for a quick look)",
+    )  # fmt: skip
+    group.add_argument(
+        "--atlas", metavar="FILE[:LABELS]",
+        help="group level: a template-space atlas image (and its labels, a TSV with index and "
+        "name, or 'INDEX NAME' lines) naming the peaks of the results table",
     )  # fmt: skip
 
     run.add_argument(
@@ -212,6 +247,8 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         raise UsageError(f"--mem-mb must be at least 1 (MiB), not {args.mem_mb}")
     if args.random_seed < 0:
         raise UsageError(f"--random-seed must be 0 or more, not {args.random_seed}")
+    if args.smoothing_fwhm < 0 or (args.n_permutations or 0) < 0:
+        raise UsageError("--smoothing-fwhm and --n-permutations must be 0 or more")
     if args.analysis_level != "group" or args.bids_dir.exists():
         # The group level reads output_dir (and participants.tsv only for --group-by): it may run
         # where the input dataset is not.
@@ -277,7 +314,7 @@ def _run(
     settings = settings_from_args(args, engines)
     _set_thread_environment(settings.omp_nthreads)
     if settings.analysis_level == "group":
-        return run_group(settings)
+        return run_group(settings, model_spec_from_args(args, settings))
     if settings.reports_only:
         return run_reports_only(settings)
     return run_participant_level(settings, run, verbosity)
@@ -366,7 +403,27 @@ def run_reports_only(settings: Settings) -> int:
     return int(ExitCode.PARTICIPANT_FAILED if failed else ExitCode.OK)
 
 
-def run_group(settings: Settings) -> int:
+def model_spec_from_args(args: argparse.Namespace, settings: Settings):
+    from bids_app.group.model import ModelSpec
+
+    permutations = args.n_permutations
+    if permutations is None:
+        permutations = DEFAULT_PERMUTATIONS
+        if args.group_by and importlib.util.find_spec("nilearn") is None:
+            log.warning("nilearn (the 'stats' extra) is not installed: no permutations, the "
+                        "group statistics are parametric and uncorrected; pip install "
+                        "'mninorm[stats]' for FWE-corrected maps")  # fmt: skip
+            permutations = 0
+    if args.tfce and permutations == 0:
+        raise UsageError("--tfce needs permutations: give --n-permutations N (N > 0)")
+    return ModelSpec(
+        covariates=tuple(args.covariates), smoothing_fwhm=args.smoothing_fwhm,
+        n_permutations=permutations, tfce=args.tfce, seed=settings.random_seed,
+        atlas=args.atlas, n_jobs=settings.nthreads,
+    )  # fmt: skip
+
+
+def run_group(settings: Settings, model=None) -> int:
     from bids_app.group import GroupSettings
     from bids_app.group import run_group as run
 
@@ -375,6 +432,7 @@ def run_group(settings: Settings) -> int:
             output_dir=settings.output_dir,
             bids_dir=settings.bids_dir,  # may be absent: only --group-by needs it
             group_by=settings.group_by,
+            model=model,
             participant_labels=settings.participant_labels,
             session_labels=settings.session_labels,
         )

@@ -52,6 +52,10 @@ class TemplateUnavailableError(MninormError):
     exit_code = ExitCode.TEMPLATE_UNAVAILABLE
 
 
+class TemplateError(TemplateUnavailableError):
+    """A custom template folder that cannot be used as it is (missing file, grids differ...)."""
+
+
 class ImageError(MninormError):
     """A T1w image that cannot be used as it is (unreadable, 4D, empty...)."""
 

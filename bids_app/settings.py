@@ -3,85 +3,25 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_app.errors import MissingInputError, UsageError
 from bids_app.registration.base import USER_PRESETS
 from bids_app.registration.registry import DEFAULT_ENGINE, EngineFactory, get_engine
+from bids_app.spaces import DEFAULT_SPACE, OutputSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
 PRESETS = USER_PRESETS
+# Group-level model (group/model.py), chosen on `python -m benchmarks stats` (docs/group.md)
+DEFAULT_SMOOTHING_FWHM = 6.0  # mm
+DEFAULT_PERMUTATIONS = 1000
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
 # cerebellum); when it is absent and not asked for, the first output template's head is used.
 DEFAULT_BRAIN_TEMPLATE = "OASIS30ANTs"
-# The participant's own (native) space, as fMRIPrep and our transform names spell it
-# (from-T1w_to-<TPL>); accepted in any case on the command lines.
-NATIVE_SPACE = "T1w"
-
-_SPACE_RE = re.compile(r"^(?P<template>[A-Za-z][A-Za-z0-9]*)(?::res-(?P<res>[0-9]+))?$")
-
-
-@dataclass(frozen=True, order=True)
-class OutputSpace:
-    """A TemplateFlow template and, optionally, one of its resolution indices (``res-N``)."""
-
-    template: str
-    resolution: int | None = (
-        None  # TemplateFlow's index, not millimetres; None = the template's res-1
-    )
-
-    @property
-    def grid_resolution(self) -> int:
-        return 1 if self.resolution is None else self.resolution
-
-    def __str__(self) -> str:
-        return (
-            self.template if self.resolution is None else f"{self.template}:res-{self.resolution}"
-        )
-
-
-def is_native_space(text: str) -> bool:
-    """``T1w`` in any spelling (t1w, T1W): the participant's own space, not a template."""
-    return text.strip().lower() == NATIVE_SPACE.lower()
-
-
-def parse_output_space(text: str) -> OutputSpace:
-    """Parse ``Template[:res-N]`` (for example ``MNI152NLin6Asym:res-2``)."""
-    match = _SPACE_RE.match(text.strip())
-    if not match:
-        raise UsageError(
-            f"malformed output space {text!r}: expected a TemplateFlow identifier with an optional "
-            "resolution index, e.g. MNI152NLin2009cAsym or MNI152NLin6Asym:res-2"
-        )
-    res = match.group("res")
-    if res is not None and is_native_space(match.group("template")):
-        raise UsageError(
-            f"output space {text!r}: {NATIVE_SPACE} takes no resolution index (the native outputs "
-            "are on the T1w's own grid); write just T1w, or leave it out"
-        )
-    return OutputSpace(match.group("template"), int(res) if res is not None else None)
-
-
-def parse_output_spaces(texts) -> tuple[OutputSpace, ...]:
-    """The template spaces of ``--output-spaces``, each once, in the order given.
-
-    ``T1w`` (fMRIPrep's name for the native space) is accepted and adds no space: the native
-    outputs are always written. When it is the only one, the default template is used.
-    """
-    spaces = tuple(dict.fromkeys(parse_output_space(t) for t in texts if not is_native_space(t)))
-    if spaces:
-        return spaces
-    log.info(
-        "--output-spaces names no template: %s is used (the %s outputs are always written)",
-        DEFAULT_SPACE, NATIVE_SPACE,
-    )  # fmt: skip
-    return (OutputSpace(DEFAULT_SPACE),)
 
 
 @dataclass(frozen=True)
@@ -117,8 +57,14 @@ class Settings:
 
     @property
     def templates(self) -> tuple[str, ...]:
-        """Distinct templates: one registration each, whatever the resolutions asked."""
-        return tuple(dict.fromkeys(space.template for space in self.output_spaces))
+        """Distinct templates (with their cohort): one registration each, whatever the
+        resolutions asked. Keys of ``OutputSpace.key``."""
+        return tuple(dict.fromkeys(space.key for space in self.output_spaces))
+
+    def template_space(self, key: str) -> OutputSpace:
+        """The template of ``key`` on its registration grid (resolution None)."""
+        space = next(s for s in self.output_spaces if s.key == key)
+        return OutputSpace(space.template, None, space.cohort, space.folder)
 
     @property
     def parallel_participants(self) -> int:

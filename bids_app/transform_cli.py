@@ -19,7 +19,7 @@ from bids_app import __version__
 from bids_app.cli import UsageExitParser, configure_logging
 from bids_app.console import run_command
 from bids_app.errors import ExitCode, MissingInputError, UsageError
-from bids_app.settings import NATIVE_SPACE, is_native_space
+from bids_app.spaces import NATIVE_SPACE, OutputSpace, is_native_space, parse_output_space
 
 log = logging.getLogger("bids_app")
 DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"
@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("input", type=Path, help="a 3D NIfTI in the --from-space")
     image.add_argument("output", type=Path, help="the warped NIfTI")
     image.add_argument(
-        "--res", type=int, default=1,
-        help="TemplateFlow resolution index of the template grid (default 1; not mm)",
+        "--res", type=int, default=None,
+        help="TemplateFlow resolution index of the template grid (not mm; default: the grid the "
+        "registration used: res-1, or the template's only grid, or the finest one available)",
     )  # fmt: skip
     image.add_argument(
         "--interpolation", default="auto",
@@ -125,10 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _space(text: str) -> str:
-    """T1w in any spelling (t1w, T1W) is the native space; a template identifier is kept as it is
-    (TemplateFlow's identifiers are case-sensitive)."""
-    return NATIVE_SPACE if is_native_space(text) else text.strip()
+def _space(text: str):
+    """T1w in any spelling (t1w, T1W) is the native space; a template identifier
+    (``Template[:cohort-N]``, TemplateFlow's identifiers are case-sensitive) or a custom
+    template's folder is parsed as --output-spaces reads it."""
+    if is_native_space(text):
+        return NATIVE_SPACE
+    try:
+        return parse_output_space(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 # The BIDS entities that pick one T1w's transforms: options, label prefix, what, required.
@@ -154,7 +161,7 @@ def _participant_options(parser, spaces: bool = True) -> None:
             )  # fmt: skip
     else:
         parser.add_argument(
-            "--template", default=DEFAULT_TEMPLATE,
+            "--template", default=DEFAULT_TEMPLATE, type=_space,
             help=f"the template the atlas is in (default {DEFAULT_TEMPLATE})",
         )  # fmt: skip
 
@@ -182,7 +189,7 @@ def run_points(args) -> None:
         points = _columns(table, "xyz", args.input)
     mapped = mapping.map_points(points, transforms, to)
     for axis, values in zip("xyz", mapped.T, strict=True):
-        table[f"{axis}_{args.to_space}"] = np.round(values, 3)
+        table[f"{axis}_{_space_name(args.to_space)}"] = np.round(values, 3)
     if args.voxels_out:
         ijk = mapping.world_to_voxels(mapped, args.voxels_out)
         for axis, values in zip("ijk", ijk.T, strict=True):
@@ -219,7 +226,8 @@ def run_image(args) -> None:
     else:
         from bids_app.templates import fetch_template
 
-        reference = fetch_template(template, args.res).t1w_path
+        space = OutputSpace(template.template, args.res, template.cohort, template.folder)
+        reference = space.find_grid(fetch_template).t1w_path
     warped, used = mapping.warp_image(args.input, reference, transforms, to, args.interpolation)
     derivatives.write_nifti(warped, args.output)
     log.info("%s -> %s (%s interpolation): %s", args.from_space, args.to_space, used, args.output)
@@ -232,7 +240,7 @@ def run_rois(args) -> None:
     from bids_app.transforms import mapping
 
     transforms = _transforms(args, args.template)
-    atlas_path, labels_path = _atlas(args.atlas, args.template, args.labels)
+    atlas_path, labels_path = _atlas(args.atlas, args.template.template, args.labels)
     native_labels, _ = mapping.warp_image(
         atlas_path, transforms.native_t1w, transforms, mapping.NATIVE, "label"
     )
@@ -252,7 +260,7 @@ def run_rois(args) -> None:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def _template_and_target(source: str, target: str) -> tuple[str, str]:
+def _template_and_target(source, target):
     from bids_app.transforms.mapping import NATIVE
 
     if (source == NATIVE) == (target == NATIVE):
@@ -260,14 +268,19 @@ def _template_and_target(source: str, target: str) -> tuple[str, str]:
             f"--from-space {source} --to-space {target}: exactly one of them must be T1w "
             "(the participant's space), the other a template"
         )
-    return (target if source == NATIVE else source), target
+    template = target if source == NATIVE else source
+    return template, (NATIVE if target == NATIVE else template.key)
 
 
-def _transforms(args, template: str):
+def _space_name(space) -> str:
+    return space if space == NATIVE_SPACE else space.label
+
+
+def _transforms(args, template: OutputSpace):
     from bids_app.transforms.mapping import find_transforms
 
     return find_transforms(
-        args.output_dir, args.participant_label, template, args.session_label, args.run
+        args.output_dir, args.participant_label, template.key, args.session_label, args.run
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from bids_app.outputs import derivatives as drv
 from bids_app.reports.qc import T1wRecord
-from bids_app.settings import OutputSpace
+from bids_app.spaces import OutputSpace
 from bids_app.transforms import read_composite
 from bids_app.transforms.orientation import ants_to_nifti
 
@@ -213,7 +213,7 @@ def drop_nonlinear_stage(
     native_mask = ants.image_read(str(drv.native_path(output_dir, t1w, "mask")))
     for space in spaces:
         forward = drv.transform_path(output_dir, t1w, "t1w2std_xfm", space.template)
-        grid = ants.image_read(str(fetch_template(space.template, space.grid_resolution).t1w_path))
+        grid = ants.image_read(str(space.find_grid(fetch_template).t1w_path))
         t1w_img = ants.apply_transforms(grid, native_t1w, [str(forward)], interpolator="bSpline")
         mask_img = ants.threshold_image(
             ants.apply_transforms(grid, native_mask, [str(forward)], interpolator="linear"),
@@ -238,7 +238,8 @@ def templates_in(home: Path):
     is bound to the TEMPLATEFLOW_HOME it was first imported with: the tests' miniature)."""
     from bids_app.templates import Template
 
-    def fetch(name: str, resolution: int = 1) -> Template:
+    def fetch(name: str, resolution: int | None = None, cohort=None, folder=None) -> Template:
+        resolution = 1 if resolution is None else resolution
         folder = home / f"tpl-{name}"
         t1w_path = folder / f"tpl-{name}_res-{resolution:02d}_T1w.nii.gz"
         metadata = json.loads((folder / "template_description.json").read_text())

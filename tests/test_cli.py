@@ -21,7 +21,7 @@ from fakes import CHATTER, log_jacobian
 
 from bids_app.cli import build_parser, main, settings_from_args
 from bids_app.errors import ExitCode, UsageError
-from bids_app.settings import DEFAULT_SPACE, OutputSpace
+from bids_app.spaces import DEFAULT_SPACE, OutputSpace
 
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
 SPACE = TEST_TEMPLATE
@@ -444,8 +444,10 @@ def test_missing_template_offline_names_the_files_and_how_to_fetch_them(dataset,
         env={"TEMPLATEFLOW_HOME": str(empty_home)},
     )  # fmt: skip
     assert result.returncode == ExitCode.TEMPLATE_UNAVAILABLE, result.stderr
-    assert "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz is missing" in result.stderr
+    # the registration grid (res-1) is named as TemplateFlow stores it, with a command fetching it
+    assert "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz" in result.stderr
     assert "Pre-fetch" in result.stderr
+    assert "api.get('MNI152NLin6Asym', resolution=1, desc=None, suffix='T1w'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -30,7 +30,7 @@ from bids_app.group import GroupSettings, run_group
 from bids_app.group.cohort import robust_z
 from bids_app.group.maps import RunningStats
 from bids_app.outputs import derivatives as drv
-from bids_app.settings import OutputSpace
+from bids_app.spaces import OutputSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(

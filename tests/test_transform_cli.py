@@ -80,7 +80,7 @@ def test_t1w_is_the_native_space_in_any_case(option, spelling):
          option, spelling, other, TEMPLATE]
     )  # fmt: skip
     assert getattr(args, option[2:].replace("-", "_")) == "T1w"
-    assert getattr(args, other[2:].replace("-", "_")) == TEMPLATE
+    assert getattr(args, other[2:].replace("-", "_")).template == TEMPLATE
 
 
 def test_template_identifiers_keep_their_case():
@@ -89,7 +89,7 @@ def test_template_identifiers_keep_their_case():
         ["image", "out", "in.nii.gz", "o.nii.gz", "--participant-label", "01",
          "--from-space", "mni152nlin2009casym", "--to-space", "t1w"]
     )  # fmt: skip
-    assert (args.from_space, args.to_space) == ("mni152nlin2009casym", "T1w")
+    assert (args.from_space.template, args.to_space) == ("mni152nlin2009casym", "T1w")
 
 
 # ---- messages ----------------------------------------------------------------------------------

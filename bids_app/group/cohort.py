@@ -56,7 +56,8 @@ COLUMNS: dict[str, str] = {
     "run": "run label, n/a without runs",
     "source": "the input T1w (BIDS URI)",
     "template": "TemplateFlow identifier of the template",
-    "space": "the template grid of this row's maps: '<template>[:res-N]'",
+    "space": "the template grid of this row's maps: '<template>[:cohort-N][:res-N]' (a custom "
+    "template: its folder)",
     "status": "pass / warn / fail from the participant level's QC (fixed thresholds); n/a when "
     "its QC table is missing",
     "status_reasons": "why the status is not 'pass', from the participant level's QC",
@@ -147,13 +148,13 @@ def _read_qc(result: T1wResult) -> tuple[str, str | None, dict, str | None]:
         rows = qc.read_qc_table(path)
     except (OSError, ValueError, UnicodeDecodeError) as err:
         return "n/a", None, empty, f"its QC table {path.name} cannot be read ({err}): {rebuild}"
-    row = next((r for r in rows if r.get("template") == result.space.template), None)
+    row = next((r for r in rows if r.get("template") == result.space.key), None)
     if row is None or row.get("status") not in qc.STATUSES:
         return (
             "n/a",
             None,
             empty,
-            f"its QC table {path.name} has no row for {result.space.template}",
+            f"its QC table {path.name} has no row for {result.space.key}",
         )
     metrics = {metric: _number(row.get(metric)) for metric in METRICS}
     reasons = row.get("status_reasons")
@@ -231,7 +232,7 @@ def table_rows(cohorts: list[SpaceCohort], group_values: dict | None = None, col
                 "session_id": f"ses-{result.session}" if result.session else None,
                 "run": result.run,
                 "source": result.source,
-                "template": result.space.template,
+                "template": result.space.key,
                 "space": str(result.space),
                 "status": row.status,
                 "status_reasons": row.status_reasons,

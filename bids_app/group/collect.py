@@ -25,7 +25,7 @@ from bids_app.outputs import derivatives as drv
 from bids_app.outputs.source import T1wInput, strip_prefix
 from bids_app.reports import qc
 from bids_app.reports.figures import VIEWS
-from bids_app.settings import OutputSpace, parse_output_space
+from bids_app.spaces import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ KINDS = ("t1w", "mask", "logjac_nonlinear", "logjac_total")  # the per-T1w maps 
 PREVIEW_VIEWS = VIEWS  # thumbnail panels: sagittal, coronal, axial (a RAS array's x, y, z cut)
 _AFFINE_TOLERANCE_MM = 1e-3
 _NORMALISED_T1W = re.compile(
-    r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_space-(?P<space>[A-Za-z0-9]+"
-    r"(?:_res-[0-9]+)?)_desc-preproc_T1w\.nii(?:\.gz)?$"
+    r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_space-"
+    rf"(?P<space>{drv.SPACE_LABEL_PATTERN})_desc-preproc_T1w\.nii(?:\.gz)?$"
 )
 
 
@@ -196,7 +196,7 @@ def _found_without_records(output_dir: Path, subject: str, known: set[str]) -> l
         if not match or match["prefix"] in known:
             continue
         t1w = _t1w_from_prefix(subject, match["prefix"])
-        space = parse_output_space(match["space"].replace("_res-", ":res-"))
+        space = parse_output_space(match["space"].replace("_", ":"))
         found.append(
             T1wResult(
                 t1w=t1w,
@@ -244,7 +244,7 @@ def collect(
     by_space: dict[OutputSpace, list[T1wResult]] = {}
     for result in found:
         by_space.setdefault(result.space, []).append(result)
-    spaces = sorted(by_space, key=lambda s: (s.template, s.grid_resolution))
+    spaces = sorted(by_space, key=lambda s: (s.key, s.resolution or 0))
     grids = {space: _space_grid(space, by_space[space], fetch_template) for space in spaces}
     previewed = _finest_per_template(grids)
     checked = []
@@ -273,7 +273,7 @@ def _space_grid(space: OutputSpace, results: list[T1wResult], fetch_template):
 
     template, template_grid, notes = None, None, []
     try:
-        template = fetch_template(space.template, space.grid_resolution)
+        template = space.find_grid(fetch_template)
         mask = nib.load(str(template.mask_path))
         template_grid = Grid(tuple(mask.shape[:3]), mask.affine, "the template's")
     except (MninormError, OSError, ValueError) as err:
@@ -322,9 +322,9 @@ def _finest_per_template(grids: dict) -> set[OutputSpace]:
     for space, (grid, _, _) in grids.items():
         if grid is None:
             continue
-        best = finest.get(space.template)
+        best = finest.get(space.key)
         if best is None or np.prod(grid.zooms) < np.prod(grids[best][0].zooms):
-            finest[space.template] = space
+            finest[space.key] = space
     return set(finest.values())
 
 

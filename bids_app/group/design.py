@@ -3,7 +3,9 @@
 The groups come from the input dataset's ``participants.tsv`` (the only thing the group level
 reads outside ``output_dir``). Values are compared as text; BIDS' ``n/a`` (or an empty cell) means
 "no value": that participant is left out of the comparison and the statistics' sidecars say so.
-Levels are sorted, so a two-level comparison is always "first level minus second level".
+Levels are sorted, so a two-level comparison is always "first level minus second level". A column
+of numbers with three or more distinct values (age, a score) is continuous: ``--group-by`` then
+tests a correlation (see ``model.py``), with no groups.
 
 A design that cannot be compared (no table, no such column, fewer than two levels with at least
 two participants each) is not an error that stops the group level: it carries a ``problem`` that
@@ -22,6 +24,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MIN_PER_LEVEL = 2  # a level's variance needs two participants
+MIN_NUMERIC = 4  # a correlation: intercept and slope, and two residual degrees of freedom
+NUMERIC_MIN_DISTINCT = 3  # numbers with fewer distinct values are group labels (e.g. 1 / 2)
 _MISSING = ("", "n/a")
 
 
@@ -41,6 +45,7 @@ class Design:
     excluded: dict = field(default_factory=dict, compare=False, hash=False)  # subject -> why
     source: Path | None = None  # the participants.tsv read
     problem: str | None = None  # why there is no comparison; None: there is one
+    numeric: bool = False  # a continuous column (a correlation, no groups): see is_numeric_column
 
     @property
     def usable(self) -> bool:
@@ -113,12 +118,35 @@ def build_design(column: str, table: ParticipantsTable, subjects: Iterable[str])
             excluded[subject] = f"no value (n/a) for {column!r} in {table.path.name}"
         else:
             level_of[subject] = value
+    if is_numeric_column(level_of.values()):
+        problem = None
+        if len(level_of) < MIN_NUMERIC:
+            problem = (
+                f"--group-by {column}: only {len(level_of)} participant(s) with a value and usable "
+                f"results; a correlation needs {MIN_NUMERIC}"
+            )
+        return Design(column, (), level_of, excluded, table.path, problem, numeric=True)
     levels = tuple(sorted(set(level_of.values())))
     design = Design(column, levels, level_of, excluded, table.path)
     problem = _why_not_comparable(design)
     if problem:
         return Design(column, levels, level_of, excluded, table.path, problem)
     return design
+
+
+def is_numeric_column(values: Iterable[str]) -> bool:
+    """True when every value is a number and there are at least ``NUMERIC_MIN_DISTINCT`` of them:
+    the column is a continuous variable (age, a score) and --group-by tests a correlation."""
+    numbers = set()
+    for value in values:
+        try:
+            number = float(value)
+        except ValueError:
+            return False
+        if number != number:  # nan
+            return False
+        numbers.add(number)
+    return len(numbers) >= NUMERIC_MIN_DISTINCT
 
 
 def _why_not_comparable(design: Design) -> str | None:

@@ -228,7 +228,7 @@ def _write_t1w_maps(context: _Context) -> list[Path]:
 def _write_jacobian_maps(context: _Context, jacobian: str) -> tuple[list[Path], list[StatMap]]:
     grid, design = context.grid, context.design
     kind = f"logjac_{jacobian}"
-    comparing = design is not None and design.usable
+    comparing = design is not None and design.usable and not design.numeric
     cells: dict[str | None, RunningStats] = {}
     for subject, rows in context.by_subject.items():
         level = design.level_of.get(subject) if comparing else None

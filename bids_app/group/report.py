@@ -53,6 +53,8 @@ class SpaceSection:
     maps: SpaceMaps
     design: Design | None = field(default=None, compare=False)
     group_values: dict = field(default_factory=dict, compare=False)  # subject -> --group-by value
+    inference: object | None = field(default=None, compare=False)  # inference.SpaceInference
+    inference: object | None = field(default=None, compare=False)  # inference.SpaceInference
 
     @property
     def space(self) -> SpaceResults:
@@ -133,6 +135,12 @@ def _space_view(output_dir: Path, section: SpaceSection) -> SpaceView:
     if space.cuts is not None:
         parts.append(Part("group/_gallery.html.j2", _gallery(output_dir, section)))
     parts.append(Part("group/_maps.html.j2", _maps(output_dir, section)))
+    if section.inference is not None:
+        from bids_app.group.model_report import results_view
+
+        background = _background(output_dir, section) if space.cuts is not None else None
+        view = results_view(output_dir, section, background, _png_uri)
+        parts.append(Part("group/_results.html.j2", view))
     return SpaceView(
         anchor=f"space-{space.label}",
         title=str(space.space),
@@ -285,7 +293,9 @@ def _maps(output_dir: Path, section: SpaceSection) -> MapsView:
         n_participants=len(maps.participants),
         design=design,
         group_counts=(
-            ", ".join(f"{level!r}: {n}" for level, n in design.counts.items())
+            f"a correlation, {len(design.level_of)} participant(s)"
+            if design is not None and design.usable and design.numeric
+            else ", ".join(f"{level!r}: {n}" for level, n in design.counts.items())
             if design is not None and design.usable
             else ""
         ),
@@ -329,6 +339,25 @@ def _map_figures(output_dir: Path, section: SpaceSection) -> list[tuple[str, str
         picture = mosaic_png(mean, mask, cuts, zooms, volume(stat.path), limit, threshold)
         shown.append((_png_uri(picture), _stat_caption(section.design, stat, limit, threshold)))
     return shown
+
+
+def _background(output_dir: Path, section: SpaceSection):
+    """(mean T1w, brain mask, cuts, zooms) on the RAS grid, for the model's figures."""
+    import nibabel as nib
+
+    from bids_app.reports import figures
+
+    space = section.space
+    mean_path = drv.group_space_path(output_dir, "t1w_mean", space.label)
+    if mean_path not in section.maps.written:
+        return None
+    mask_path = drv.group_space_path(output_dir, "brain_probseg", space.label)
+    volumes = []
+    for path in (mean_path, mask_path):
+        img = nib.load(str(path))
+        volumes.append(canonical_array(np.asarray(img.dataobj, dtype=np.float32), img.affine))
+    mask = volumes[1] >= 0.5
+    return volumes[0], mask, figures.choose_cuts(mask, MOSAIC_SLICES), canonical_zooms(space.grid)
 
 
 def _stat_caption(design: Design, stat, limit: float, threshold: float) -> str:

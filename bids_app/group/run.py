@@ -14,11 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from bids_app.errors import MninormError
 from bids_app.group.cohort import build_cohort, write_table
 from bids_app.group.collect import collect
 from bids_app.group.design import Design, build_design, read_participants
 from bids_app.group.maps import write_space_maps
+from bids_app.group.model import ModelSpec
 from bids_app.group.report import SpaceSection, write_group_report
 from bids_app.outputs import derivatives as drv
 
@@ -32,6 +35,7 @@ class GroupSettings:
     group_by: str | None = None  # a participants.tsv column
     participant_labels: tuple[str, ...] = ()
     session_labels: tuple[str, ...] = ()
+    model: ModelSpec | None = None  # None: the uncorrected maps only (no smoothing, covariates)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class GroupOutcome:
     report: Path
     written: tuple[Path, ...]  # the maps
     removed: tuple[Path, ...]  # stale group outputs of ours
-    spaces: tuple[str, ...]  # every space found, '<template>[:res-N]'
+    spaces: tuple[str, ...]  # every space found, '<template>[:cohort-N][:res-N]'
     spaces_without_maps: tuple[str, ...]
     design_problems: tuple[str, ...]  # why --group-by gave no comparison (per space)
 
@@ -60,8 +64,17 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
     cohorts = [build_cohort(space) for space in collection.spaces]
     column = settings.group_by
     table = read_participants(settings.bids_dir, column) if column else None
+    atlas = None
+    if column and settings.model is not None and settings.model.atlas:
+        from bids_app.group.clusters import load_atlas
+
+        atlas = load_atlas(settings.model.atlas)  # a wrong --atlas fails before any work
+    if column and settings.model is not None and settings.model.n_permutations > 0:
+        from bids_app.group.inference import require_nilearn
+
+        require_nilearn()  # before any work
     try:
-        return _write_outputs(output_dir, collection, cohorts, column, table)
+        return _write_outputs(output_dir, collection, cohorts, column, table, settings.model, atlas)
     except OSError as err:  # disk full, permissions: the previous outputs are still whole
         raise MninormError(
             f"could not write the group outputs in {output_dir} ({err}); make room or fix the "
@@ -70,13 +83,19 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
         ) from err
 
 
-def _write_outputs(output_dir, collection, cohorts, column, table) -> GroupOutcome:
+def _write_outputs(output_dir, collection, cohorts, column, table, spec, atlas) -> GroupOutcome:
     sections, written, messages, problems, empty = [], [], [], [], []
     for cohort in cohorts:
         design = build_design(column, table, cohort.subjects) if column else None
         if design is not None and not design.usable:
             problems.append(f"{cohort.space.space}: {design.problem}")
         maps = write_space_maps(output_dir, cohort, design)
+        inference = None
+        if maps.written and design is not None and design.usable and spec is not None:
+            inference = _infer(output_dir, cohort, design, table, spec, atlas)
+            if not inference.model.usable:
+                problems.append(f"{cohort.space.space}: {inference.model.problem}")
+            written += inference.written
         if not maps.written:
             empty.append(str(cohort.space.space))
             messages.append(
@@ -84,7 +103,7 @@ def _write_outputs(output_dir, collection, cohorts, column, table) -> GroupOutco
                 f"({len(cohort.rows)} found; see the table for why)"
             )
         written += maps.written
-        sections.append(SpaceSection(cohort, maps, design))
+        sections.append(SpaceSection(cohort, maps, design, inference=inference))
     for message in messages:
         log.error("%s", message)
     for problem in dict.fromkeys(problems):
@@ -104,6 +123,22 @@ def _write_outputs(output_dir, collection, cohorts, column, table) -> GroupOutco
         table_path, report, tuple(written), tuple(removed),
         tuple(str(c.space.space) for c in cohorts), tuple(empty), tuple(dict.fromkeys(problems)),
     )  # fmt: skip
+
+
+def _infer(output_dir, cohort, design, table, spec, atlas):
+    """The model of one space and, when it can be estimated, its maps and results table."""
+    from bids_app.group.inference import SpaceInference, write_space_inference
+    from bids_app.group.model import build_model
+
+    volumes = {}
+    for row in cohort.included:
+        volumes.setdefault(row.result.subject, []).append(row.metrics.get("brain_volume_ml"))
+    volumes = {s: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+               for s, v in ((s, np.array(v, float)) for s, v in volumes.items())}  # fmt: skip
+    model = build_model(design, table, spec.covariates, volumes)
+    if not model.usable:
+        return SpaceInference(model, spec)
+    return write_space_inference(output_dir, cohort, model, spec, atlas)
 
 
 def _group_values(table, column: str | None, subjects) -> tuple[dict, str | None]:
@@ -142,10 +177,8 @@ def remove_stale_outputs(
         if parsed is None or not path.is_file():
             continue  # not ours
         _, space, file_contrast = parsed
-        image = path if path.name.endswith(".nii.gz") else path.with_name(
-            path.name.removesuffix(".json") + ".nii.gz"
-        )  # fmt: skip
-        if image in written:
+        stem = path.name.removesuffix(".json")
+        if path in written or any(path.with_name(stem + e) in written for e in (".nii.gz", ".tsv")):
             continue
         other_question = file_contrast is not None and file_contrast != contrast
         if space in spaces and other_question:

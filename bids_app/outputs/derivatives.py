@@ -17,12 +17,14 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.outputs.source import T1wInput
-from bids_app.settings import OutputSpace
+from bids_app.spaces import OutputSpace
 
 CODE_URL = "https://github.com/mninorm/mninorm"
 BIDS_VERSION = "1.10.0"
 
-# kind -> file name after the source entities ({space}: "<template>[_res-N]")
+# A space in file names: "<template>[_cohort-N][_res-N]" (OutputSpace.label)
+SPACE_LABEL_PATTERN = r"[A-Za-z0-9]+(?:_cohort-[A-Za-z0-9]+)?(?:_res-[0-9]+)?"
+# kind -> file name after the source entities ({space}: "<template>[_cohort-N][_res-N]")
 NATIVE_OUTPUTS = {
     "t1w": "desc-preproc_T1w.nii.gz",
     "mask": "desc-brain_mask.nii.gz",
@@ -32,6 +34,7 @@ SPACE_OUTPUTS = {
     "mask": "space-{space}_desc-brain_mask.nii.gz",
     "logjac_nonlinear": "space-{space}_desc-nonlinear_logjacobian.nii.gz",
     "logjac_total": "space-{space}_desc-total_logjacobian.nii.gz",
+    "lesion": "space-{space}_label-lesion_roi.nii.gz",  # only for a T1w with a lesion mask
 }
 TRANSFORM_OUTPUTS = {
     "t1w2std_xfm": "from-T1w_to-{template}_mode-image_xfm.h5",
@@ -80,6 +83,23 @@ GROUP_SPACE_OUTPUTS = {
     "t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}_statmap.nii.gz",
     "effect": "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}_statmap.nii.gz",
     "F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}_statmap.nii.gz",
+    # The model (group/model.py, group/inference.py): smoothed maps, covariates, permutations.
+    # desc-{jacobian}Model tells them from the unsmoothed, covariate-free maps above; p values
+    # are -log10 p ("logp"): uncorrected (parametric), FWE voxel-wise (max-t), FWE with TFCE.
+    "model_t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}Model_statmap.nii.gz",
+    "model_F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}Model_statmap.nii.gz",
+    "model_effect": (
+        "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}Model_statmap.nii.gz"
+    ),
+    "model_logp": "space-{space}_contrast-{contrast}_stat-logp_desc-{jacobian}Model_statmap.nii.gz",
+    "model_logp_fwe": (
+        "space-{space}_contrast-{contrast}_stat-logpFWE_desc-{jacobian}Model_statmap.nii.gz"
+    ),
+    "model_tfce": "space-{space}_contrast-{contrast}_stat-tfce_desc-{jacobian}Model_statmap.nii.gz",
+    "model_logp_tfce_fwe": (
+        "space-{space}_contrast-{contrast}_stat-logpTFCEFWE_desc-{jacobian}Model_statmap.nii.gz"
+    ),
+    "model_clusters": "space-{space}_contrast-{contrast}_desc-{jacobian}Model_clusters.tsv",
 }
 # Names of mninorm 0.1's group outputs, which pybids took for participants' T1w, logjacobian and qc
 # files: the group level removes them (it rewrites their content under the names above).
@@ -109,9 +129,7 @@ def anat_dir(output_dir: Path, t1w: T1wInput) -> Path:
 
 
 def space_label(space: OutputSpace) -> str:
-    return (
-        space.template if space.resolution is None else f"{space.template}_res-{space.resolution}"
-    )
+    return space.label
 
 
 def native_path(output_dir: Path, t1w: T1wInput, kind: str) -> Path:
@@ -177,13 +195,13 @@ def group_space_path(
 
 def _group_name_pattern(template: str) -> re.Pattern:
     fields = {
-        "space": r"(?P<space>[A-Za-z0-9]+(?:_res-[0-9]+)?)",
+        "space": rf"(?P<space>{SPACE_LABEL_PATTERN})",
         "jacobian": r"(?:total|nonlinear)",
         "contrast": r"(?P<contrast>[A-Za-z0-9]+)",
     }
-    parts = re.split(r"(\{[a-z]+\})", template.removesuffix(".nii.gz"))
+    parts = re.split(r"(\{[a-z]+\})", template.removesuffix(".nii.gz").removesuffix(".tsv"))
     body = "".join(fields[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
-    return re.compile(rf"^{body}\.(?:nii\.gz|json)$")
+    return re.compile(rf"^{body}\.(?:nii\.gz|tsv|json)$")
 
 
 _GROUP_PATTERNS = {kind: _group_name_pattern(t) for kind, t in GROUP_SPACE_OUTPUTS.items()}

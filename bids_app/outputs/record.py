@@ -179,6 +179,7 @@ class RunRecord(_JsonRecord):
     source_zooms_mm: tuple[float, ...] | None = _key("SourceZoomsMM", load=_tuple)
     header_fixes: tuple[str, ...] | None = _key("HeaderFixes", load=_tuple)
     skull_strip_decision: str | None = _key("SkullStripDecision")
+    lesion_mask: dict | None = _key("LesionMask", load=_mapping)  # file, volume, resampled
     brain_extraction: BrainExtractionRecord | None = _key(
         "BrainExtraction", load=_nested(BrainExtractionRecord)
     )  # None: the input was already skull-stripped (or the run stopped before)

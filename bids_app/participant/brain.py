@@ -146,8 +146,11 @@ def extraction_plans(templates: list[BrainTemplate], engines: list, fallback: bo
     return plans
 
 
-def extract_brain(t1w_img, plans: list[Plan], work_prefix: Path, seed: int) -> BrainExtraction:
-    """Make the planned attempts until one passes its checks; keep the best one."""
+def extract_brain(
+    t1w_img, plans: list[Plan], work_prefix: Path, seed: int, lesion_img=None
+) -> BrainExtraction:
+    """Make the planned attempts until one passes its checks; keep the best one. A lesion mask
+    is left out of the head registrations' metric (participant/lesion.py)."""
     from bids_app.participant.headstart import distinct_starts, search_head_starts
 
     attempts: list[Attempt] = []
@@ -163,8 +166,9 @@ def extract_brain(t1w_img, plans: list[Plan], work_prefix: Path, seed: int) -> B
             continue  # no other distinct start: nothing new to try
         number = len(attempts) + 1
         attempt, mask, linear_xfm = _attempt(
-            t1w_img, plan, starts[plan.start_rank], number, Path(f"{work_prefix}a{number}_"), seed
-        )
+            t1w_img, plan, starts[plan.start_rank], number, Path(f"{work_prefix}a{number}_"), seed,
+            lesion_img,
+        )  # fmt: skip
         attempts.append(attempt)
         results.append((mask, linear_xfm))
         log.info(
@@ -178,7 +182,7 @@ def extract_brain(t1w_img, plans: list[Plan], work_prefix: Path, seed: int) -> B
     return BrainExtraction(mask, linear_xfm, False, tuple(attempts), attempts[best].number)
 
 
-def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
+def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int, lesion_img=None):
     import time
 
     import ants
@@ -192,7 +196,8 @@ def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
     initial = write_composite(CompositeTransform((start.affine,)), Path(f"{prefix}start.h5"))
     linear = engine.register(
         template.head, t1w_img, preset="head-linear", out_prefix=Path(f"{prefix}lin_"),
-        seed=seed, initial_xfm=initial, fixed_mask=template.region,
+        seed=seed, initial_xfm=initial,
+        **_metric_masks(template.head, template.region, lesion_img, initial),
     )  # fmt: skip
     head_affine = read_composite(linear.forward_xfm).linear
     ratio = float(np.linalg.det(head_affine[:3, :3]))
@@ -206,7 +211,8 @@ def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
     else:
         warp = engine.register(
             template.head, t1w_img, preset="head-syn", out_prefix=Path(f"{prefix}syn_"),
-            seed=seed, initial_xfm=linear.forward_xfm, fixed_mask=template.region,
+            seed=seed, initial_xfm=linear.forward_xfm,
+            **_metric_masks(template.head, template.region, lesion_img, linear.forward_xfm),
         )  # fmt: skip
         probability = ants.apply_transforms(
             t1w_img, template.mask, [str(warp.inverse_xfm)], interpolator="linear"
@@ -220,6 +226,18 @@ def _attempt(t1w_img, plan: Plan, start, number: int, prefix: Path, seed: int):
         problems=tuple(problems), seconds=time.perf_counter() - began,
     )  # fmt: skip
     return attempt, mask, linear.forward_xfm
+
+
+def _metric_masks(head, region, lesion_img, start_xfm) -> dict:
+    """The head registrations' masks: the template region, minus the lesion when there is one."""
+    if lesion_img is None:
+        return {"fixed_mask": region}
+    from bids_app.participant.lesion import fixed_without_lesion, without_lesion
+
+    return {
+        "fixed_mask": fixed_without_lesion(head, region, lesion_img, start_xfm),
+        "moving_mask": without_lesion(None, lesion_img),
+    }
 
 
 def _attempt_rank(attempt: Attempt) -> tuple:

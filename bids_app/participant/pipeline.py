@@ -35,7 +35,8 @@ from bids_app.outputs.source import T1wInput
 from bids_app.participant import resume
 from bids_app.participant.brain import Attempt, BrainExtraction
 from bids_app.participant.headstart import write_start
-from bids_app.settings import OutputSpace, Settings
+from bids_app.settings import Settings
+from bids_app.spaces import OutputSpace
 from bids_app.templates import Template
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _resolve_brain_template(settings: Settings) -> Template | None:
     if settings.skull_strip == "skip" or settings.brain_template in settings.templates:
         return None
     try:
-        return fetch_template(settings.brain_template, 1)
+        return fetch_template(settings.brain_template)  # its registration grid
     except TemplateUnavailableError as err:
         if settings.brain_template_required:
             raise
@@ -99,19 +100,21 @@ def _resolve_brain_template(settings: Settings) -> Template | None:
 
 
 def _resolve_spaces(spaces: tuple[OutputSpace, ...]) -> dict[str, TemplateSet]:
+    """Per template (and cohort): the registration grid, and the grid of each output space
+    (None in the space: the registration grid)."""
     from bids_app.templates import fetch_template
 
     sets: dict[str, TemplateSet] = {}
     for space in spaces:
-        if space.template not in sets:
-            sets[space.template] = TemplateSet(
-                space.template, fetch_template(space.template, 1), {}
-            )
-        template_set = sets[space.template]
+        if space.key not in sets:
+            registration = space.find_registration_grid(fetch_template)
+            sets[space.key] = TemplateSet(space.key, registration, {})
+        template_set = sets[space.key]
+        registration = template_set.registration
         template_set.outputs[space] = (
-            template_set.registration  # res-1 is the registration grid: found already
-            if space.grid_resolution == 1
-            else fetch_template(space.template, space.grid_resolution)
+            registration  # found already
+            if space.resolution in (None, registration.resolution)
+            else space.find_grid(fetch_template)
         )
     return sets
 
@@ -133,6 +136,7 @@ def process_t1w(
     from bids_app.participant.bias import correct_bias
     from bids_app.participant.brain import looks_skull_stripped, mask_from_nonzero
     from bids_app.participant.images import load_t1w
+    from bids_app.participant.lesion import fixed_without_lesion, without_lesion
     from bids_app.transforms.orientation import nifti_to_ants
 
     timer = _StepTimer(learnt.setdefault("step_seconds", {}), t1w, settings)
@@ -145,6 +149,8 @@ def process_t1w(
         nifti, header = load_t1w(t1w.path)
         t1w_img = nifti_to_ants(nifti)
     stripped_input = _skull_stripped_input(settings.skull_strip, nifti, looks_skull_stripped)
+    lesion = _load_lesion(t1w, nifti, learnt)
+    lesion_img = None if lesion is None else nifti_to_ants(lesion.img)
     learnt.update(
         source_orientation=header.source_orientation,
         source_shape=tuple(header.source_shape),
@@ -176,7 +182,9 @@ def process_t1w(
         with timer("bias"):
             preproc = correct_bias(t1w_img)
         with timer("brain_mask"):
-            extraction = _extract_brain(preproc, settings, templates, template_images, work)
+            extraction = _extract_brain(
+                preproc, settings, templates, template_images, work, lesion_img
+            )
         learnt["brain_extraction"] = BrainExtractionRecord(
             fallback=settings.fallback,
             kept_attempt=extraction.kept,
@@ -189,8 +197,13 @@ def process_t1w(
                 "image in the report, or give a skull-stripped T1w with --skull-strip skip"
             )
     mask = extraction.mask_img
+    if lesion_img is not None:  # the lesion is brain: kept inside the mask whatever extraction did
+        kept = np.maximum(mask.numpy(), lesion_img.numpy() > 0).astype(np.float32)
+        mask = mask.new_image_like(kept)
 
     provenance = _provenance(t1w, settings, header, extraction)
+    if lesion is not None:
+        provenance["LesionMask"] = lesion.as_record()
     outputs = _write_native(
         t1w, settings, preproc, mask, provenance, learnt.get("brain_extraction")
     )
@@ -207,26 +220,35 @@ def process_t1w(
                 if extraction.template == name
                 else write_start(fixed_brain, fixed_mask, brain, work / f"{name}_start.h5")
             )
+            metric_fixed_mask = ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX)
+            metric_moving_mask = moving_mask
+            if lesion_img is not None:  # cost-function masking (participant/lesion.py)
+                metric_fixed_mask = fixed_without_lesion(
+                    fixed_brain, metric_fixed_mask, lesion_img, initial_xfm
+                )
+                metric_moving_mask = without_lesion(moving_mask, lesion_img)
             result = engine.register(
                 fixed_brain,
                 brain,
                 preset=settings.preset,
                 out_prefix=work / f"{name}_",
                 seed=settings.random_seed,
-                fixed_mask=ants.iMath(fixed_mask, "MD", _MASK_DILATION_VOX),
-                moving_mask=moving_mask,
+                fixed_mask=metric_fixed_mask,
+                moving_mask=metric_moving_mask,
                 initial_xfm=initial_xfm,
             )
         with timer(f"outputs_{name}"):
             outputs += _write_template_outputs(
-                t1w, settings, template_set, result, preproc, mask, provenance
+                t1w, settings, template_set, result, preproc, mask, provenance, lesion_img
             )
     seconds = timer.total()
     log.info("sub-%s: %s done in %.0f s", t1w.subject, t1w.relpath, seconds)
     return T1wOutcome(t1w.relpath, t1w.subject, True, "", tuple(outputs), seconds)
 
 
-def _extract_brain(preproc, settings: Settings, templates: Templates, template_images, work: Path):
+def _extract_brain(
+    preproc, settings: Settings, templates: Templates, template_images, work: Path, lesion_img=None
+):
     """Brain extraction with its fallback plan: the extraction template first, then the first
     output template's head, then the other engine."""
     from bids_app.participant.brain import BrainTemplate, extract_brain, extraction_plans
@@ -252,7 +274,25 @@ def _extract_brain(preproc, settings: Settings, templates: Templates, template_i
         settings.engines(name, settings.omp_nthreads) for name in ENGINES if name != settings.engine
     ]
     plans = extraction_plans(candidates, engines, settings.fallback)
-    return extract_brain(preproc, plans, work / "brain_", settings.random_seed)
+    return extract_brain(preproc, plans, work / "brain_", settings.random_seed, lesion_img)
+
+
+def _load_lesion(t1w: T1wInput, nifti, learnt: dict):
+    """The T1w's lesion mask (label-lesion_roi in its folder) on its grid, or None."""
+    from bids_app.participant.lesion import find_lesion, load_lesion
+
+    path = find_lesion(t1w.path, {**t1w.entities, "subject": t1w.subject})
+    if path is None:
+        return None
+    relpath = (Path(t1w.relpath).parent / path.name).as_posix()
+    lesion = load_lesion(path, relpath, nifti)
+    learnt["lesion_mask"] = lesion.as_record()
+    log.info(
+        "sub-%s: lesion mask %s (%.1f ml%s): left out of the registration metrics",
+        t1w.subject, path.name, lesion.volume_ml, ", resampled onto the T1w grid"
+        if lesion.resampled else "",
+    )  # fmt: skip
+    return lesion
 
 
 def _ants_read(path: Path):
@@ -328,7 +368,9 @@ def _write_native(
     return [t1w_path, mask_path]
 
 
-def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, provenance):
+def _write_template_outputs(
+    t1w, settings, template_set, result, preproc, mask, provenance, lesion_img=None
+):
     import ants
 
     from bids_app.transforms import read_composite
@@ -371,12 +413,21 @@ def _write_template_outputs(t1w, settings, template_set, result, preproc, mask, 
         }  # fmt: skip
         for kind, image in logjac.items():
             images[kind] = ants.resample_image_to_target(image, grid, interp_type="linear")
+        if lesion_img is not None:
+            images["lesion"] = ants.threshold_image(
+                ants.apply_transforms(
+                    grid, lesion_img, [str(result.forward_xfm)], interpolator="linear"
+                ),
+                0.5, 1e9, 1, 0,
+            )  # fmt: skip
         for kind, image in images.items():
             path = drv.space_path(out, t1w, kind, space)
-            dtype = np.uint8 if kind == "mask" else np.float32
+            dtype = np.uint8 if kind in ("mask", "lesion") else np.float32
             drv.write_nifti(ants_to_nifti(image, dtype=dtype), path)
             drv.write_json(
-                _space_sidecar(kind, space, template, provenance, forward, out),
+                _space_sidecar(
+                    kind, space, template, provenance, forward, out, template_set.registration
+                ),
                 drv.sidecar_path(path),
             )
             written.append(path)
@@ -392,6 +443,8 @@ _SPACE_DESCRIPTIONS = {
     "from-T1w_to-<template> transform in Sources.",
     "mask": "The native brain mask (desc-brain_mask) resampled onto the template grid with the "
     "from-T1w_to-<template> transform in Sources.",
+    "lesion": "The lesion mask (label-lesion_roi next to the T1w) resampled onto the template grid "
+    "with the from-T1w_to-<template> transform in Sources (linear, thresholded at 0.5).",
     "logjac_nonlinear": (
         "Natural log of the Jacobian determinant of the nonlinear (SyN) part of the "
         "template-to-T1w mapping, in template space: > 0 where the participant's tissue is larger "
@@ -405,37 +458,66 @@ _SPACE_DESCRIPTIONS = {
 }
 
 
-def _space_sidecar(kind, space, template, provenance, forward, out) -> dict:
+def _space_sidecar(kind, space, template, provenance, forward, out, registration_grid) -> dict:
     sidecar = {
         "SkullStripped": provenance["SkullStripped"] if kind == "t1w" else None,
         "Sources": [drv.derivative_uri(out, forward)],
         "RawSources": provenance["Sources"],
         "SpatialReference": _templateflow_uri(template),
-        "Template": {
-            "Identifier": template.name,
-            "Name": template.full_name,
-            "ResolutionIndex": template.resolution,
-            "VoxelSizeMM": list(template.zooms_mm),
-            "TemplateFlowVersion": template.metadata_version,
-        },
+        "Template": _template_entry(template, registration_grid),
         "Registration": provenance["Registration"],
+        "LesionMask": provenance.get("LesionMask"),
         "Software": provenance["Software"],
     }
-    if space.resolution is not None:
-        sidecar["Resolution"] = (
-            f"TemplateFlow res-{space.resolution:02d} grid of {template.name}: "
-            f"{'x'.join(f'{z:g}' for z in template.zooms_mm)} mm voxels"
-        )
+    if space.resolution is not None or template.resolution != 1:
+        sidecar["Resolution"] = _resolution_text(space, template)
     sidecar["Description"] = _SPACE_DESCRIPTIONS[kind]
     if kind.startswith("logjac"):
         sidecar["Units"] = "log(volume ratio)"
     if kind == "mask":
         sidecar["Type"] = "Brain"
+    if kind == "lesion":
+        sidecar["Type"] = "Lesion"
     return {k: v for k, v in sidecar.items() if v is not None}
 
 
+def _template_entry(template: Template, registration_grid: Template) -> dict:
+    entry = {
+        "Identifier": template.name,
+        "Name": template.full_name,
+        "Cohort": template.cohort,
+        "Custom": template.custom or None,  # not TemplateFlow's: a folder in its layout
+        "Folder": str(template.t1w_path.parent) if template.custom else None,
+        "ResolutionIndex": template.resolution,
+        "VoxelSizeMM": list(template.zooms_mm),
+        "TemplateFlowVersion": template.metadata_version,
+        # the grid the registration ran on, when it is not res-1 (a template without res-1 here)
+        "RegistrationGrid": None
+        if registration_grid.resolution == 1
+        else f"{registration_grid.grid_label} "
+        f"({'x'.join(f'{z:g}' for z in registration_grid.zooms_mm)} mm)",
+    }
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _resolution_text(space: OutputSpace, template: Template) -> str:
+    """Which grid of the template the outputs are on, said whenever it is not res-1."""
+    voxels = f"{'x'.join(f'{z:g}' for z in template.zooms_mm)} mm voxels"
+    source = "custom template" if template.custom else "TemplateFlow"
+    if template.resolution is None:
+        return f"the single grid of {source} {template.name} (no res- entity): {voxels}"
+    text = f"{source} res-{template.resolution:02d} grid of {template.name}: {voxels}"
+    if space.resolution is None:
+        text += " (the finest grid available: res-01 was not)"
+    return text
+
+
 def _templateflow_uri(template: Template) -> str:
-    return f"https://templateflow.s3.amazonaws.com/tpl-{template.name}/{template.t1w_path.name}"
+    """SpatialReference: TemplateFlow's address of the grid, or a custom template's file."""
+    if template.custom:
+        return template.t1w_path.resolve().as_uri()
+    folder = f"tpl-{template.name}/" + (f"cohort-{template.cohort}/" if template.cohort else "")
+    return f"https://templateflow.s3.amazonaws.com/{folder}{template.t1w_path.name}"
 
 
 def _provenance(t1w, settings, header, extraction: BrainExtraction) -> dict:

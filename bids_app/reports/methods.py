@@ -155,6 +155,7 @@ def methods_text(output_dir: Path, records: list[qc.T1wRecord], fetch_template) 
         "The bias-corrected T1w, masked by its brain mask, was registered to the brain (T1w "
         f"masked by its brain mask) of {_join(template_texts)} [Template]. "
         + _registration_sentences(registrations)
+        + _lesion_sentence(ok)
         + _seed_sentence(ok)
     )
     outputs = _outputs_sentence(sidecars) + (
@@ -259,21 +260,49 @@ def _outputs_sentence(sidecars: dict) -> str:
 
 def _templates(records: list[qc.T1wRecord], fetch_template) -> tuple[list[str], list[str]]:
     """How the text names each template, and the template references."""
-    names = list(dict.fromkeys(t for r in records for t in qc.spaces_by_template(r)))
+    spaces = {
+        key: spaces[0] for r in records for key, spaces in qc.spaces_by_template(r).items()
+    }
     texts, references = [], []
-    for name in names:
+    for name, space in spaces.items():
         try:
-            template = fetch_template(name, 1)
+            template = space.find_registration_grid(fetch_template)
         except Exception:  # noqa: BLE001 - metadata decorates the text; its absence must not stop it
             texts.append(f"{name} (TemplateFlow identifier `{name}`)")
             references.append(_unlisted_template(name, name))  # its metadata could not be read
             continue
-        texts.append(
-            f"the {template.full_name} template (TemplateFlow identifier `{name}`, "
-            f"TemplateFlow version {template.metadata_version})"
-        )
+        texts.append(_template_text(name, template))
         references += template_references(template)
     return texts, references
+
+
+def _lesion_sentence(records: list[qc.RunRecord]) -> str:
+    """Cost-function masking, said when any T1w had a lesion mask."""
+    with_lesion = [r for r in records if r.content.lesion_mask]
+    if not with_lesion:
+        return ""
+    which = "The" if len(with_lesion) == len(records) else f"For {len(with_lesion)} image(s), the"
+    return (
+        f"{which} lesion mask given with the T1w (label-lesion_roi) was left out of the "
+        "similarity metric of brain extraction and of every registration stage (cost-function "
+        "masking; in template space, the lesion carried there by the starting transform and "
+        "dilated by 2 voxels), and kept inside the brain mask. "
+    )
+
+
+def _template_text(name: str, template) -> str:
+    if template.custom:
+        text = f"the {template.full_name} template (a custom template, `{name}`"
+    else:
+        cohort = f", cohort {template.cohort}" if template.cohort else ""
+        text = (
+            f"the {template.full_name} template (TemplateFlow identifier `{template.name}`"
+            f"{cohort}, TemplateFlow version {template.metadata_version}"
+        )
+    if template.resolution != 1:  # the registration grid is said when it is not res-1
+        grid = "x".join(f"{z:g}" for z in template.zooms_mm)
+        text += f"; registered on {template.grid_label}, {grid} mm"
+    return text + ")"
 
 
 def template_references(template) -> list[str]:

@@ -134,10 +134,10 @@ def rebuild_reports(output_dir: Path, participant_labels: tuple[str, ...] = ()) 
 def cached_templates(fetch_template: Callable) -> Callable:
     found: dict = {}
 
-    def fetch(name: str, resolution: int = 1):
-        if (name, resolution) not in found:
-            found[name, resolution] = fetch_template(name, resolution)
-        return found[name, resolution]
+    def fetch(*query):
+        if query not in found:
+            found[query] = fetch_template(*query)
+        return found[query]
 
     return fetch
 
@@ -175,7 +175,7 @@ def _draw_figures(output_dir: Path, result: qc.T1wQC, fetch_template) -> _Figure
         if not space_qc.metrics:  # QC could not read this template's outputs: nothing to draw
             problems.append(f"the {space} outputs are missing or unusable")
             continue
-        template = fetch_template(space.template, space.grid_resolution)
+        template = space.find_grid(fetch_template)
         normalised = drv.space_path(output_dir, t1w, "t1w", space)
         logjac_map = drv.space_path(output_dir, t1w, "logjac_nonlinear", space)
         if not normalised.is_file() or not logjac_map.is_file():

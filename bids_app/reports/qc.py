@@ -28,7 +28,7 @@ from bids_app.measures.similarity import MI_BINS, correlation, dice, mutual_info
 from bids_app.outputs import derivatives as drv
 from bids_app.outputs.record import RunRecord, read_run_record
 from bids_app.outputs.source import T1wInput
-from bids_app.settings import OutputSpace, parse_output_space
+from bids_app.spaces import OutputSpace, parse_output_space
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def spaces_by_template(record: T1wRecord) -> dict[str, list[OutputSpace]]:
     spaces: dict[str, list[OutputSpace]] = {}
     for text in record.content.output_spaces:
         space = parse_output_space(text)
-        spaces.setdefault(space.template, []).append(space)
+        spaces.setdefault(space.key, []).append(space)
     return spaces
 
 
@@ -271,7 +271,7 @@ def measured_space(spaces: list[OutputSpace], fetch_template: Callable) -> Outpu
     """The finest grid written for a template: image metrics are measured there."""
     if len(spaces) == 1:
         return spaces[0]
-    return min(spaces, key=lambda s: min(fetch_template(s.template, s.grid_resolution).zooms_mm))
+    return min(spaces, key=lambda s: min(s.find_grid(fetch_template).zooms_mm))
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def measure_space(output_dir: Path, record: T1wRecord, space: OutputSpace, fetch
     from bids_app.transforms import read_composite
 
     t1w = record.t1w
-    template = fetch_template(space.template, space.grid_resolution)
+    template = space.find_grid(fetch_template)
     template_t1w = _load(template.t1w_path)
     template_mask_img = _load(template.mask_path)
     template_mask = np.asarray(template_mask_img.dataobj) > 0
@@ -367,8 +367,8 @@ def measure_space(output_dir: Path, record: T1wRecord, space: OutputSpace, fetch
     mi, nmi = mutual_information(inside_normalised, inside_template)
     logjac_inside = logjac.get_fdata(dtype=np.float32)[template_mask]
     q25, q50, q75 = np.percentile(logjac_inside, [25, 50, 75])
-    registration_mask = nib.load(str(fetch_template(space.template, 1).mask_path))
-    forward = drv.transform_path(output_dir, t1w, "t1w2std_xfm", space.template)
+    registration_mask = nib.load(str(space.find_registration_grid(fetch_template).mask_path))
+    forward = drv.transform_path(output_dir, t1w, "t1w2std_xfm", space.key)
     composite = read_composite(_existing(forward))  # read once: its field is large
     native_mask = _load(drv.native_path(output_dir, t1w, "mask"))
     voxel_ml = float(np.prod(native_mask.header.get_zooms()[:3])) / 1000.0

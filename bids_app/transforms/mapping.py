@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.errors import MissingInputError, NothingMatchedError, UsageError
-from bids_app.settings import NATIVE_SPACE
+from bids_app.spaces import NATIVE_SPACE
 from bids_app.transforms.orientation import lps_ras_flip
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def find_transforms(
         query["session"] = session.removeprefix("ses-")
     if run:
         query["run"] = run.removeprefix("run-")
-    forward = _one(layout, {**query, "from": NATIVE, "to": template}, "forward transform")
-    inverse = _one(layout, {**query, "from": template, "to": NATIVE}, "inverse transform")
+    # by name: a cohort template's key holds a second entity (to-MNIPediatricAsym_cohort-2)
+    forward = _one(layout, query, f"_from-{NATIVE}_to-{template}_mode-image_xfm.h5", "forward")
+    inverse = _one(layout, query, f"_from-{template}_to-{NATIVE}_mode-image_xfm.h5", "inverse")
     native = Path(str(forward).replace(f"_from-T1w_to-{template}_mode-image_xfm.h5", ""))
     native = native.with_name(native.name + "_desc-preproc_T1w.nii.gz")
     if not native.is_file():
@@ -71,8 +72,9 @@ def find_transforms(
     return ParticipantTransforms(forward, inverse, native, template)
 
 
-def _one(layout, query: dict, what: str) -> Path:
-    found = layout.get(return_type="filename", **query)
+def _one(layout, query: dict, ending: str, direction: str) -> Path:
+    found = [f for f in layout.get(return_type="filename", **query) if f.endswith(ending)]
+    what = f"{direction} transform (*{ending})"
     described = ", ".join(f"{k}={v}" for k, v in query.items() if k not in ("extension", "suffix"))
     if not found:
         raise MissingInputError(

@@ -1,0 +1,360 @@
+"""Group level, step 4b: the model's maps, smoothed, with permutation inference.
+
+For each log-Jacobian (total, nonlinear): every participant's map (the mean of their T1w in the
+space) is smoothed inside the analysis mask, the general linear model of ``model.py`` is fitted
+voxel by voxel, and the tested effect is assessed three ways: parametric (uncorrected), and
+family-wise error corrected by permutations (nilearn's ``permuted_ols``: Freedman-Lane, max-type
+over the mask), voxel-wise on t and, on request, with threshold-free cluster enhancement (TFCE).
+
+Smoothing inside the brain: the data times the mask and the mask are smoothed alike and divided,
+so voxels near the edge are averages of brain voxels only (no dilution by the zeros outside).
+The analysis mask is the voxels that at least half of the model's participants' brain masks cover.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bids_app import __version__
+from bids_app.errors import MninormError
+from bids_app.group.clusters import Atlas, Cluster, find_clusters, write_clusters
+from bids_app.group.model import Model, ModelSpec
+from bids_app.outputs import derivatives as drv
+
+log = logging.getLogger(__name__)
+
+FWE_ALPHA = 0.05
+MASK_SHARE = 0.5  # a voxel is analysed where this share of the participants' masks cover it
+_FWHM_PER_SIGMA = math.sqrt(8 * math.log(2))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The model fitted at every voxel (vectors over the analysis mask)."""
+
+    statistic: np.ndarray  # t (one tested column) or F
+    effect: np.ndarray | None  # the tested coefficient (t models only)
+    logp: np.ndarray  # -log10 of the parametric p value (two-sided for t)
+    df: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Permutations:
+    logp_fwe: np.ndarray  # voxel-wise max-t FWE, -log10 p
+    tfce: np.ndarray | None = None
+    logp_tfce_fwe: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class JacobianInference:
+    jacobian: str
+    paths: dict = field(compare=False, hash=False)  # output kind -> Path
+    clusters: tuple[Cluster, ...] = ()
+    peak: float = 0.0  # the largest |t| or F
+    seconds: float = 0.0  # the permutations' wall time
+
+
+@dataclass(frozen=True)
+class SpaceInference:
+    """What the model wrote for one space (``model.problem`` set: nothing)."""
+
+    model: Model
+    spec: ModelSpec
+    written: tuple[Path, ...] = ()
+    jacobians: tuple[JacobianInference, ...] = ()
+
+
+# ---- the arithmetic (arrays only: the benchmark and tests use these directly) -----------------
+
+
+def sigma_voxels(fwhm_mm: float, zooms) -> tuple[float, ...]:
+    return tuple(fwhm_mm / _FWHM_PER_SIGMA / float(z) for z in zooms)
+
+
+def smooth_in_mask(volume: np.ndarray, mask: np.ndarray, fwhm_mm: float, zooms) -> np.ndarray:
+    """``volume`` smoothed with a Gaussian of ``fwhm_mm`` using only the voxels in ``mask``
+    (normalised by the smoothed mask); 0 outside ``mask``."""
+    from scipy.ndimage import gaussian_filter
+
+    inside = np.asarray(mask, bool)
+    if fwhm_mm <= 0:
+        return np.where(inside, volume, 0).astype(np.float32)
+    sigma = sigma_voxels(fwhm_mm, zooms)
+    weight = gaussian_filter(inside.astype(np.float32), sigma, mode="constant")
+    smoothed = gaussian_filter(
+        np.where(inside, volume, 0).astype(np.float32), sigma, mode="constant"
+    )
+    return np.divide(smoothed, weight, out=np.zeros_like(smoothed), where=inside & (weight > 0))
+
+
+def fit_glm(data: np.ndarray, matrix: np.ndarray, tested: tuple[int, ...]) -> Fit:
+    """Ordinary least squares of ``data`` (participants x voxels) on ``matrix``; a t test of the
+    tested column (one) or an F test of the tested columns (several)."""
+    from scipy import stats
+
+    data = np.asarray(data, np.float64)
+    n, p = matrix.shape
+    df = n - p
+    inverse = np.linalg.pinv(matrix.T @ matrix)
+    beta = inverse @ matrix.T @ data
+    residuals = data - matrix @ beta
+    sigma2 = np.einsum("ij,ij->j", residuals, residuals) / df
+    positive = sigma2 > 0
+    if len(tested) == 1:
+        column = tested[0]
+        effect = beta[column]
+        se = np.sqrt(sigma2 * inverse[column, column])
+        t = np.divide(effect, se, out=np.zeros_like(effect), where=positive)
+        logp = -(math.log(2) + stats.t.logsf(np.abs(t), df)) / math.log(10)
+        return Fit(t, effect, logp, (df,))
+    picked = beta[list(tested)]
+    middle = np.linalg.inv(inverse[np.ix_(tested, tested)])
+    q = len(tested)
+    numerator = np.einsum("iv,ij,jv->v", picked, middle, picked) / q
+    f = np.divide(numerator, sigma2, out=np.zeros_like(numerator), where=positive)
+    logp = -stats.f.logsf(f, q, df) / math.log(10)
+    return Fit(f, None, logp, (q, df))
+
+
+def permute(
+    data: np.ndarray, matrix: np.ndarray, column: int, mask: np.ndarray, affine, spec: ModelSpec
+) -> Permutations:
+    """Permutation FWE p values of one tested column (nilearn ``permuted_ols``, two-sided)."""
+    import nibabel as nib
+
+    permuted_ols, NiftiMasker = require_nilearn()
+
+    others = [i for i in range(matrix.shape[1]) if i != column and np.ptp(matrix[:, i]) > 0]
+    masker = None
+    if spec.tfce:  # TFCE needs the 3D layout: the masker maps the vectors back to the grid
+        cropped, cropped_affine = crop_to_mask(mask, affine)  # fewer voxels for every TFCE pass
+        masker = NiftiMasker(nib.Nifti1Image(cropped.astype(np.uint8), cropped_affine)).fit()
+    started = time.monotonic()
+    out = permuted_ols(
+        matrix[:, [column]], np.ascontiguousarray(data, dtype=np.float64),
+        confounding_vars=matrix[:, others] if others else None, model_intercept=True,
+        n_perm=spec.n_permutations, two_sided_test=True, random_state=spec.seed,
+        n_jobs=spec.n_jobs, verbose=0, masker=masker, tfce=spec.tfce, output_type="dict",
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    if spec.tfce:
+        return Permutations(out["logp_max_t"][0], out["tfce"][0], out["logp_max_tfce"][0], seconds)
+    return Permutations(out["logp_max_t"][0], seconds=seconds)
+
+
+def crop_to_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``mask`` cut to its bounding box (plus one voxel), and that box's affine. The in-mask
+    voxels keep their order (C order), so vectors over the mask stay valid."""
+    found = np.argwhere(mask)
+    low = np.maximum(found.min(0) - 1, 0)
+    high = np.minimum(found.max(0) + 2, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ low + affine[:3, 3]
+    return mask[box], shifted
+
+
+def require_nilearn():
+    """nilearn's ``permuted_ols`` and ``NiftiMasker``, or an error naming the extra to install."""
+    try:
+        from nilearn.maskers import NiftiMasker
+        from nilearn.mass_univariate import permuted_ols
+    except ImportError as err:
+        raise MninormError(
+            "--n-permutations needs nilearn: pip install 'mninorm[stats]' (the container has "
+            "it), or give --n-permutations 0 for the parametric maps only"
+        ) from err
+    return permuted_ols, NiftiMasker
+
+
+def fwe_threshold() -> float:
+    return -math.log10(FWE_ALPHA)
+
+
+# ---- the group level's files -----------------------------------------------------------------
+
+
+def write_space_inference(
+    output_dir: Path, cohort, model: Model, spec: ModelSpec, atlas: Atlas | None
+) -> SpaceInference:
+    """Every model map of one space, and its results table."""
+    from bids_app.group.maps import JACOBIANS, _load, participant_mean
+
+    grid = cohort.space.grid
+    rows = {}
+    for row in sorted(cohort.included, key=lambda r: r.result.sort_key()):
+        rows.setdefault(row.result.subject, []).append(row)
+    rows = {s: tuple(rows[s]) for s in model.subjects}
+    coverage = sum(
+        participant_mean(r, lambda row: _load(row, "mask", grid) > 0) for r in rows.values()
+    )
+    mask = coverage >= MASK_SHARE * len(rows)
+    written, results = [], []
+    for jacobian in spec.jacobians or tuple(JACOBIANS):
+
+        def read(row, kind=f"logjac_{jacobian}"):
+            return _load(row, kind, grid)
+
+        data = np.stack([
+            smooth_in_mask(participant_mean(r, read), mask, spec.smoothing_fwhm, grid.zooms)[mask]
+            for r in rows.values()
+        ])  # fmt: skip
+        paths, result = _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data,
+                                        mask, rows)  # fmt: skip
+        written += paths
+        results.append(result)
+    return SpaceInference(model, spec, tuple(written), tuple(results))
+
+
+def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask, rows):
+    from bids_app.group.maps import _write
+
+    grid, label, contrast = cohort.space.grid, cohort.space.label, _contrast_label(model.column)
+    fit = fit_glm(data, model.matrix, model.tested)
+    sidecar = _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows)
+
+    def volume(values):
+        full = np.zeros(grid.shape, np.float32)
+        full[mask] = values
+        return full
+
+    def write(kind, values, description, **more):
+        path = drv.group_space_path(output_dir, kind, label, jacobian, contrast)
+        _write(path, volume(values), {**sidecar, "Description": description, **more}, grid)
+        paths[kind] = path
+
+    paths = {}
+    what = (
+        f"the {jacobian} log-Jacobian maps (smoothed {spec.smoothing_fwhm:g} mm FWHM in the brain)"
+    )
+    if model.statistic == "F":
+        write("model_F", fit.statistic, f"F statistic of {what}: {model.contrast}.",
+              Statistic="F", MultipleComparisonCorrection="none")  # fmt: skip
+    else:
+        write("model_t", fit.statistic, f"t statistic of {what}: {model.contrast}.",
+              Statistic="t", MultipleComparisonCorrection="none")  # fmt: skip
+        write(
+            "model_effect",
+            fit.effect,
+            f"Estimated effect in {what}: {model.contrast} "
+            "(exp(value) is a ratio of local volumes).",
+            Statistic="effect",
+            Units="log(volume ratio)" + ("" if model.kind == "groups" else " per unit"),
+        )
+    write("model_logp", fit.logp, f"-log10 p, uncorrected, parametric ({model.statistic} "
+          f"distribution{', two-sided' if model.statistic == 't' else ''}), of {what}.",
+          Statistic="-log10 p", MultipleComparisonCorrection="none")  # fmt: skip
+    permutations = None
+    if model.statistic == "t" and spec.n_permutations > 0:
+        permutations = permute(data, model.matrix, model.tested[0], mask, grid.affine, spec)
+        correction = {"PermutationSeconds": round(permutations.seconds, 1)}
+        write(
+            "model_logp_fwe",
+            permutations.logp_fwe,
+            "-log10 p, family-wise error corrected "
+            f"over the analysis mask by the maximum |t| of {spec.n_permutations} permutations "
+            f"(two-sided), of {what}.",
+            Statistic="-log10 p",
+            MultipleComparisonCorrection="FWE, voxel-wise (max-statistic)",
+            **correction,
+        )
+        if permutations.tfce is not None:
+            write(
+                "model_tfce",
+                permutations.tfce,
+                f"Threshold-free cluster enhancement (E 0.5, "
+                f"H 2, 6-connectivity, nilearn's) of the t map of {what}.",
+                Statistic="TFCE",
+            )
+            write(
+                "model_logp_tfce_fwe",
+                permutations.logp_tfce_fwe,
+                "-log10 p, family-wise "
+                "error corrected over the analysis mask by the maximum TFCE of "
+                f"{spec.n_permutations} permutations (two-sided), of {what}.",
+                Statistic="-log10 p",
+                MultipleComparisonCorrection="FWE, TFCE",
+                **correction,
+            )
+        log.info("%s: %s, %d permutations%s of %d participants x %d voxels: %.0f s", label,
+                 jacobian, spec.n_permutations, " with TFCE" if spec.tfce else "", data.shape[0],
+                 data.shape[1], permutations.seconds)  # fmt: skip
+    clusters = ()
+    if permutations is not None:
+        maps = {"voxel": permutations.logp_fwe, "tfce": permutations.logp_tfce_fwe}
+        clusters = tuple(
+            cluster
+            for correction, logp in maps.items()
+            if logp is not None
+            for cluster in find_clusters(
+                volume(logp) > fwe_threshold(),
+                volume(fit.statistic),
+                volume(logp),
+                volume(fit.effect),
+                grid.affine,
+                atlas,
+                correction,
+            )  # fmt: skip
+        )
+        table = drv.group_space_path(output_dir, "model_clusters", label, jacobian, contrast)
+        write_clusters(table, clusters, {
+            **sidecar, "Description": f"Clusters of voxels with FWE-corrected p < {FWE_ALPHA} "
+            f"(voxel-wise max-t{' and TFCE' if permutations.tfce is not None else ''}) in {what}, "
+            "26-connected, positive and negative effects apart; peak = largest |t|.",
+            "Atlas": atlas.record() if atlas else None,
+        })  # fmt: skip
+        paths["model_clusters"] = table
+    result = JacobianInference(
+        jacobian,
+        paths,
+        clusters,
+        float(np.abs(fit.statistic).max(initial=0.0)),
+        permutations.seconds if permutations else 0.0,
+    )
+    return list(paths.values()), result
+
+
+def _contrast_label(column: str) -> str:
+    from bids_app.group.design import Design
+
+    return Design(column).contrast
+
+
+def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
+    from bids_app.group.maps import JACOBIANS
+
+    return {
+        "Space": str(cohort.space.space),
+        "Jacobian": {"Kind": jacobian, "Meaning": JACOBIANS[jacobian]},
+        "Model": model.record(),
+        "DegreesOfFreedom": list(fit.df),
+        "Smoothing": {
+            "FWHMmm": spec.smoothing_fwhm,
+            "Method": "Gaussian inside the analysis "
+            "mask (data x mask and mask smoothed alike, then divided)",
+        },  # fmt: skip
+        "AnalysisMask": f"voxels covered by the brain masks of at least {MASK_SHARE:.0%} of the "
+        "model's participants",
+        "Permutations": {
+            "Count": spec.n_permutations if model.statistic == "t" else 0,
+            "Seed": spec.seed,
+            "TFCE": spec.tfce and model.statistic == "t",
+            "Method": "nilearn.mass_univariate.permuted_ols (Freedman-Lane, two-sided, "
+            "max-statistic over the analysis mask)",
+        },  # fmt: skip
+        "OnePerParticipant": "each participant's map is the mean of their included T1w "
+        "(sessions, runs) in this space",
+        "Sources": [
+            drv.derivative_uri(output_dir, row.result.paths[f"logjac_{jacobian}"])
+            for subject_rows in rows.values()
+            for row in subject_rows
+        ],
+        "GeneratedBy": {"Name": "mninorm", "Version": __version__, "Level": "group"},
+    }
