@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # 1 MiB: hashing streams the file, whatever its size
 _NO_RECORD = "no run record"
+# The outputs in a template space that every successful run writes (a lesion's are optional)
+_ALWAYS_IN_SPACE = ("t1w", "mask", "logjac_nonlinear", "logjac_total")
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,15 @@ def output_settings(settings: Settings) -> tuple[tuple[str, object], ...]:
 
 
 def fingerprint(t1w: T1wInput, settings: Settings) -> Fingerprint:
-    # mninorm takes no mask or other per-T1w input: the T1w is the only file that is hashed.
-    return Fingerprint((("T1w", file_sha256(t1w.path)),), output_settings(settings))
+    """The T1w's hash and, when it has one, its lesion mask's (a mask added, changed or removed
+    changes the outputs)."""
+    from bids_app.participant.lesion import find_lesion
+
+    inputs = [("T1w", file_sha256(t1w.path))]
+    lesion = find_lesion(t1w.path, {**t1w.entities, "subject": t1w.subject})
+    if lesion is not None:
+        inputs.append(("LesionMask", file_sha256(lesion)))
+    return Fingerprint(tuple(inputs), output_settings(settings))
 
 
 def resume_record(print_: Fingerprint) -> dict:
@@ -102,22 +111,25 @@ def decide(t1w: T1wInput, settings: Settings, print_: Fingerprint) -> Decision:
     previous = record.get("Resume")
     if previous != print_.as_record():
         return Decision(False, _what_changed(previous, print_.as_record()))
-    for path in expected_outputs(t1w, settings):
+    for path in expected_outputs(t1w, settings, record.get("Outputs") or []):
         problem = _output_problem(path)
         if problem:
             return Decision(False, f"{drv.derivative_uri(settings.output_dir, path)} {problem}")
     return Decision(True, "unchanged")
 
 
-def expected_outputs(t1w: T1wInput, settings: Settings) -> list[Path]:
-    """Every file a successful run of ``t1w`` writes with ``settings`` (images, transforms and
-    their sidecars)."""
+def expected_outputs(t1w: T1wInput, settings: Settings, listed: list[str]) -> list[Path]:
+    """Every file a successful run of ``t1w`` wrote: the images and transforms its record lists
+    (optional ones, as a lesion's, only when made), never fewer than the table's own for these
+    settings, and their sidecars."""
     out = settings.output_dir
     images = [drv.native_path(out, t1w, kind) for kind in drv.NATIVE_OUTPUTS]
     for template in settings.templates:
         images += [drv.transform_path(out, t1w, kind, template) for kind in drv.TRANSFORM_OUTPUTS]
     for space in settings.output_spaces:
-        images += [drv.space_path(out, t1w, kind, space) for kind in drv.SPACE_OUTPUTS]
+        images += [drv.space_path(out, t1w, kind, space) for kind in _ALWAYS_IN_SPACE]
+    images += [out / uri.removeprefix("bids::") for uri in listed if uri.startswith("bids::")]
+    images = list(dict.fromkeys(images))
     return images + [drv.sidecar_path(path) for path in images]
 
 
