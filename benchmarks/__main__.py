@@ -7,6 +7,7 @@ python -m benchmarks report --out bench_results/            # rebuild results.md
 python -m benchmarks heads --out bench_heads/               # whole-head brain extraction (~1 h)
 python -m benchmarks lesion --out bench_lesion/             # lesions, with and without mask
 python -m benchmarks stats --out bench_stats/               # group statistics (synthetic cohorts)
+python -m benchmarks scale --out bench_scale/               # indexing and resume at scale (~5 min)
 """
 
 from __future__ import annotations
@@ -101,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--jobs", type=int, default=2, help="permutation processes (2)")
     stats.add_argument("--seed", type=int, default=0)
     stats.add_argument("-v", "--verbose", action="store_true")
+    scale = commands.add_parser(
+        "scale", help="indexing a large dataset, resuming a finished run (benchmarks/scale.py)"
+    )
+    scale.add_argument("--out", type=Path, default=Path("bench_scale"), help="results folder")
+    scale.add_argument(
+        "--parts",
+        type=_names,
+        default=["index", "resume"],
+        help="index,resume,dask,group (index,resume)",
+    )
+    scale.add_argument("--participants", type=int, default=1000, help="dataset size (1000)")
+    scale.add_argument("--requested", type=int, default=10, help="participants asked for (10)")
+    scale.add_argument(
+        "--whole", action="store_true", help="also time pybids indexing the whole dataset"
+    )
+    scale.add_argument(
+        "--resume-participants", type=int, default=20, help="participants of the resume part (20)"
+    )
+    scale.add_argument(
+        "--group-participants", type=int, default=1000, help="participants of the group part"
+    )
     return parser
 
 
@@ -147,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             sensitivity_tfce_permutations=args.tfce_permutations, jobs=args.jobs, seed=args.seed,
         )  # fmt: skip
         return run_stats(settings, ["python", "-m", "benchmarks", *(argv or sys.argv[1:])])
+    if args.command == "scale":
+        from benchmarks.scale import run as run_scale
+
+        return run_scale(
+            args.out, args.parts, args.participants, args.requested, args.whole,
+            args.resume_participants, args.group_participants,
+        )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows
         from benchmarks.runner import write_report
