@@ -337,11 +337,11 @@ def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
         "Permutations": {
             "Count": spec.n_permutations if model.statistic == "t" else 0,
             "Seed": spec.seed,
-            "TFCE": spec.tfce and model.statistic == "t",
+            "TFCE": spec.tfce and model.statistic == "t" and spec.n_permutations > 0,
             "Method": "Freedman-Lane (residuals of the nuisance columns permuted), two-sided, "
             "max-statistic over the analysis mask (mninorm's bids_app/group/tfce.py)",
-            **({"TFCEParameters": {"E": 0.5, "H": 2, "HeightStep": TFCE_STEP,
-                                   "Connectivity": 6}} if spec.tfce else {}),
+            **({"TFCEParameters": {"E": 0.5, "H": 2, "HeightStep": TFCE_STEP, "Connectivity": 6}}
+               if spec.tfce and spec.n_permutations > 0 else {}),
         },  # fmt: skip
         "OnePerParticipant": "each participant's map is the mean of their included T1w "
         "(sessions, runs) in this space",

@@ -20,8 +20,8 @@ Permutations (Freedman-Lane, as nilearn's ``permuted_ols``): the data's residual
 nuisance columns are permuted (rows), or sign-flipped when the tested column is constant (a test
 of the mean), and refitted on the full design; the unpermuted data give the observed t exactly
 (the same t as ``inference.fit_glm``). Every permutation is drawn in the parent from the seed, so
-the result is the same whatever ``n_jobs`` (to the last bit of rounding). p = (1 + #permutations with max >= observed) /
-(1 + count), as nilearn's.
+the result is the same whatever ``n_jobs`` (to the last bit of rounding).
+p = (1 + #permutations with max >= observed) / (1 + count), as nilearn's.
 """
 
 from __future__ import annotations
