@@ -226,6 +226,12 @@ def timing(settings: StatsSettings) -> list[dict]:
             "inference": "voxel-wise + TFCE" if tfce else "voxel-wise", "jobs": settings.jobs,
             "permutations_timed": n_perm, "seconds_timed": round(result.seconds, 1),
             f"seconds_for_{settings.n_permutations}": round(scaled, 1),
+            # processor time of the permutations over the processes: on a machine shared with
+            # other jobs, cpu / jobs is the wall time the same run takes on free cores
+            "cpu_seconds_timed": round(result.cpu_seconds, 1),
+            f"free_core_seconds_for_{settings.n_permutations}": round(
+                result.cpu_seconds / settings.jobs * settings.n_permutations / n_perm, 1),
+            "load_average": round(os.getloadavg()[0], 1),
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         })  # fmt: skip
         log.info("timing %s", rows[-1])

@@ -52,6 +52,7 @@ class Permutations:
     tfce: np.ndarray | None = None
     logp_tfce_fwe: np.ndarray | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # summed over the processes
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ def permute(
     null = permutation_test(data, matrix, column, spec.n_permutations, spec.seed, mask=box,
                             n_jobs=spec.n_jobs)  # fmt: skip
     seconds = time.monotonic() - started
-    return Permutations(null.logp_fwe(), null.tfce, null.logp_tfce_fwe(), seconds)
+    return Permutations(
+        null.logp_fwe(), null.tfce, null.logp_tfce_fwe(), seconds, null.cpu_seconds
+    )
 
 
 def crop_to_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
