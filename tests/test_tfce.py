@@ -126,3 +126,17 @@ def test_the_same_seed_gives_the_same_result_whatever_the_processes(jobs):
     np.testing.assert_array_equal(one.logp_tfce_fwe(), many.logp_tfce_fwe())
     other = permutation_test(data, matrix, 1, 30, seed=8, mask=mask)
     assert not np.array_equal(one.max_t, other.max_t)
+
+
+def test_tfce_is_on_by_default_and_no_tfce_turns_it_off(tmp_path):
+    from bids_app.cli import build_parser, model_spec_from_args, settings_from_args
+
+    def spec(*more):
+        argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--group-by", "group"]
+        (tmp_path / "bids").mkdir(exist_ok=True)
+        args = build_parser().parse_args([*argv, *more])
+        return model_spec_from_args(args, settings_from_args(args))
+
+    assert spec().tfce and spec().n_permutations > 0
+    assert not spec("--no-tfce").tfce
+    assert not spec("--n-permutations", "0").tfce  # nothing to correct with
