@@ -48,8 +48,11 @@ ARG PIP_FIND_LINKS
 ARG PIP_INDEX_URL
 WORKDIR /build
 COPY pyproject.toml ./
+# The installed extras: stats (group statistics), dask (--dask-scheduler and dask-jobqueue
+# clusters, docs/scale.md).
+ARG EXTRAS="stats dask"
 RUN python3 -m venv "$VIRTUAL_ENV" \
- && python3 -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + project['optional-dependencies']['stats']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+ && python3 -c "import os, tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + [d for extra in os.environ['EXTRAS'].split() for d in project['optional-dependencies'][extra]]; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && cat requirements.txt \
  && pip install --no-cache-dir --requirement requirements.txt \
  && find "$VIRTUAL_ENV/lib" -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +
@@ -99,7 +102,8 @@ RUN pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
 # Nothing below needs a writable $HOME or a passwd entry, so any uid works (docker --user,
 # Singularity/Apptainer): caches go to /tmp, templates are read-only, TemplateFlow never updates.
 # The thread counts are defaults for whatever is not told otherwise; mninorm --nthreads /
-# --omp-nthreads set them for its own run.
+# --omp-nthreads set them for its own run. Dask workers must not be daemonic processes: each
+# participant runs in a process of its own that the worker starts.
 ENV HOME=/tmp \
     TMPDIR=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
@@ -111,7 +115,8 @@ ENV HOME=/tmp \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
-    MNINORM_CONTAINER_IMAGE=${IMAGE_NAME}:${VERSION}
+    MNINORM_CONTAINER_IMAGE=${IMAGE_NAME}:${VERSION} \
+    DASK_DISTRIBUTED__WORKER__DAEMON=False
 
 USER 1000:1000
 WORKDIR /tmp

@@ -5,7 +5,9 @@ python -m benchmarks run --out bench_results/               # the full run (hour
 python -m benchmarks run --cases ds01-2mm --settings greedy,mninorm-fast --force
 python -m benchmarks report --out bench_results/            # rebuild results.md from the CSV
 python -m benchmarks heads --out bench_heads/               # whole-head brain extraction (~1 h)
+python -m benchmarks lesion --out bench_lesion/             # lesions, with and without mask
 python -m benchmarks stats --out bench_stats/               # group statistics (synthetic cohorts)
+python -m benchmarks scale --out bench_scale/               # indexing and resume at scale (~5 min)
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="rebuild heads.md from heads.csv, run nothing"
     )
     heads.add_argument("-v", "--verbose", action="store_true")
+    lesion = commands.add_parser(
+        "lesion", help="synthetic lesions registered with and without their mask (lesion.py)"
+    )
+    lesion.add_argument("--out", type=Path, default=Path("bench_lesion"), help="results folder")
+    lesion.add_argument("--cases", type=_names, help="comma-separated lesion cases (all but tiny)")
+    lesion.add_argument("--preset", default="precise", help="mninorm --preset (default: precise)")
+    lesion.add_argument("--threads", type=int, default=2, help="threads of every run (2)")
+    lesion.add_argument("--seed", type=int, default=None, help="random seed of every run")
+    lesion.add_argument("--force", action="store_true", help="re-run rows already in the CSV")
+    lesion.add_argument("-v", "--verbose", action="store_true")
     stats = commands.add_parser(
         "stats", help="group statistics on synthetic cohorts (benchmarks/group_stats.py)"
     )
@@ -94,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--jobs", type=int, default=2, help="permutation processes (2)")
     stats.add_argument("--seed", type=int, default=0)
     stats.add_argument("-v", "--verbose", action="store_true")
+    scale = commands.add_parser(
+        "scale", help="indexing a large dataset, resuming a finished run (benchmarks/scale.py)"
+    )
+    scale.add_argument("--out", type=Path, default=Path("bench_scale"), help="results folder")
+    scale.add_argument(
+        "--parts",
+        type=_names,
+        default=["index", "resume"],
+        help="index,resume,dask,group (index,resume)",
+    )
+    scale.add_argument("--participants", type=int, default=1000, help="dataset size (1000)")
+    scale.add_argument("--requested", type=int, default=10, help="participants asked for (10)")
+    scale.add_argument(
+        "--whole", action="store_true", help="also time pybids indexing the whole dataset"
+    )
+    scale.add_argument(
+        "--resume-participants", type=int, default=20, help="participants of the resume part (20)"
+    )
+    scale.add_argument(
+        "--group-participants", type=int, default=1000, help="participants of the group part"
+    )
     return parser
 
 
@@ -120,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_heads(
             args.out, args.cases, args.settings, args.threads, args.force, args.report_only
         )
+    if args.command == "lesion":
+        for name in THREAD_VARIABLES:  # scoring reads transforms with ANTs in this process
+            os.environ[name] = str(args.threads)
+        from benchmarks.lesion import run as run_lesion
+        from benchmarks.runner import DEFAULT_SEED
+
+        seed = DEFAULT_SEED if args.seed is None else args.seed
+        return run_lesion(args.out, args.cases, args.preset, args.threads, seed, args.force)
     if args.command == "stats":
         from benchmarks.group_stats import StatsSettings
         from benchmarks.group_stats import run as run_stats
@@ -133,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             sensitivity_tfce_permutations=args.tfce_permutations, jobs=args.jobs, seed=args.seed,
         )  # fmt: skip
         return run_stats(settings, ["python", "-m", "benchmarks", *(argv or sys.argv[1:])])
+    if args.command == "scale":
+        from benchmarks.scale import run as run_scale
+
+        return run_scale(
+            args.out, args.parts, args.participants, args.requested, args.whole,
+            args.resume_participants, args.group_participants,
+        )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows
         from benchmarks.runner import write_report

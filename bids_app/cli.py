@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not validate the input dataset with pybids",
     )  # fmt: skip
     select.add_argument(
+        "--rerun", action="store_true",
+        help="redo every selected T1w; by default a T1w whose outputs are complete and whose run "
+        "record shows the same input file (content hash) and the same output settings is "
+        "skipped",
+    )  # fmt: skip
+    select.add_argument(
+        "--bids-database-dir", type=Path, metavar="DIR",
+        help="save pybids' index of the selected participants in DIR and reuse it in later "
+        "calls with the same selection (SLURM array tasks, re-runs); remove DIR when the "
+        "dataset changes",
+    )  # fmt: skip
+    select.add_argument(
         "--reports-only", action="store_true",
         help="do not process: rebuild the QC tables, figures and HTML reports of the selected "
         "participants from what is already in output_dir",
@@ -197,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         "name, or 'INDEX NAME' lines) naming the peaks of the results table",
     )  # fmt: skip
 
+    run.add_argument(
+        "--dask-scheduler", metavar="ADDRESS",
+        help="send the participants, one task each, to the running Dask cluster whose scheduler "
+        "is at ADDRESS (e.g. tcp://10.0.0.5:8786); each runs in its own process on a worker. "
+        "Needs the 'dask' extra: pip install 'mninorm[dask]'",
+    )  # fmt: skip
+
     output = parser.add_argument_group("messages")
     output.add_argument(
         "-v", "--verbose", action="count", default=0,
@@ -261,6 +280,9 @@ def settings_from_args(args: argparse.Namespace, engines: EngineFactory = get_en
         mem_mb=args.mem_mb,
         reports_only=args.reports_only,
         group_by=args.group_by if group_level else None,
+        rerun=args.rerun,
+        bids_database_dir=args.bids_database_dir.resolve() if args.bids_database_dir else None,
+        dask_scheduler=args.dask_scheduler,
         engines=engines,
     )
 
@@ -319,7 +341,14 @@ def _sigterm_interrupts():
 def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity) -> int:
     from bids_app.outputs import derivatives
     from bids_app.participant.discovery import collect_t1w
-    from bids_app.participant.pipeline import resolve_templates, run_participants
+    from bids_app.participant.pipeline import (
+        SKIPPED,
+        T1wOutcome,
+        _write_report,
+        resolve_templates,
+        run_participants,
+    )
+    from bids_app.participant.resume import split_done
 
     selection = collect_t1w(
         settings.bids_dir,
@@ -327,6 +356,7 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
         settings.session_labels,
         settings.bids_filters,
         validate=not settings.skip_bids_validation,
+        database_dir=settings.bids_database_dir,
     )
     for subject in selection.subjects_without_t1w:
         log.error("sub-%s: no T1w image found (anat/*_T1w.nii[.gz]); skipped", subject)
@@ -345,13 +375,20 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
         count, len(selection.t1w_by_subject), ", ".join(map(str, settings.output_spaces)),
         settings.preset, settings.omp_nthreads,
     )  # fmt: skip
-    with _work_dir(settings.work_dir) as work_dir:
-        outcomes = run_participants(
-            selection.t1w_by_subject, settings, templates, work_dir, run, verbosity
-        )
+    todo, skipped = split_done(selection.t1w_by_subject, settings)
+    outcomes = [T1wOutcome(t1w.relpath, t1w.subject, True, SKIPPED) for t1w, _ in skipped]
+    for subject in {t1w.subject for t1w, _ in skipped} - set(todo):
+        if not derivatives.report_path(settings.output_dir, subject).is_file():
+            _write_report(subject, settings)  # nothing changed, but its report is missing
+    if todo:
+        with _work_dir(settings.work_dir) as work_dir:
+            outcomes += run_participants(todo, settings, templates, work_dir, run, verbosity)
     failed = [o for o in outcomes if not o.ok]
     for outcome in outcomes:
-        status = f"ok in {outcome.seconds:.0f} s" if outcome.ok else f"FAILED: {outcome.message}"
+        if outcome.ok:
+            status = outcome.message or f"ok in {outcome.seconds:.0f} s"
+        else:
+            status = f"FAILED: {outcome.message}"
         log.info("%s: %s", outcome.source, status)
     if failed or selection.subjects_without_t1w:
         return int(ExitCode.PARTICIPANT_FAILED)

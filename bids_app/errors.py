@@ -32,6 +32,10 @@ class UsageError(MninormError):
     exit_code = ExitCode.USAGE
 
 
+class MissingExtraError(UsageError):
+    """An option whose optional dependencies (a pip extra) are not installed."""
+
+
 class MissingInputError(MninormError):
     exit_code = ExitCode.MISSING_INPUT
 

@@ -48,6 +48,9 @@ class Settings:
     mem_mb: int | None = None  # --mem-mb: the memory all running participants share (MiB)
     reports_only: bool = False  # participant level: rebuild the reports from output_dir only
     group_by: str | None = None  # group level: the participants.tsv column to compare groups by
+    rerun: bool = False  # redo every T1w, even those whose outputs are complete and unchanged
+    bids_database_dir: Path | None = None  # where pybids' index is saved and reused
+    dask_scheduler: str | None = None  # a running Dask scheduler's address: participants go there
     # The engines by name (``engine`` and, for brain extraction's fallback, the others): the real
     # ones, or the tests' fake. It must pickle: participants run in spawned processes.
     engines: EngineFactory = field(default=get_engine, compare=False, repr=False)

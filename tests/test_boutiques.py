@@ -249,6 +249,8 @@ def test_a_full_invocation_renders_the_command_line_it_means(bosh, parser, tmp_p
         "bids_filter_file": "filters.json",
         "skip_bids_validation": True,
         "reports_only": False,
+        "rerun": True,
+        "bids_database_dir": "index",
         "output_spaces": ["MNI152NLin2009cAsym", "MNI152NLin6Asym:res-2"],
         "preset": "fast",
         "engine": "greedy",
@@ -260,6 +262,7 @@ def test_a_full_invocation_renders_the_command_line_it_means(bosh, parser, tmp_p
         "nthreads": 4,
         "omp_nthreads": 2,
         "mem_mb": 8000,
+        "dask_scheduler": "tcp://10.0.0.5:8786",
         "group_by": "diagnosis",
         "covariates": ["age", "sex"],
         "smoothing_fwhm": 8.0,
@@ -273,7 +276,7 @@ def test_a_full_invocation_renders_the_command_line_it_means(bosh, parser, tmp_p
     assert set(invocation) == {i["id"] for i in json.loads(DESCRIPTOR.read_text())["inputs"]}
     args = parser.parse_args(_render(bosh, invocation, tmp_path))
     expected = {**invocation, "verbose": 1, "quiet": 0}
-    for name in ("bids_dir", "output_dir", "bids_filter_file", "work_dir"):
+    for name in ("bids_dir", "output_dir", "bids_filter_file", "work_dir", "bids_database_dir"):
         expected[name] = Path(invocation[name])
     assert {name: getattr(args, name) for name in invocation} == expected
 

@@ -128,13 +128,15 @@ def test_run_records_keep_their_keys_in_their_order(run):
     learnt = ["Source", "StepSeconds", "SourceOrientation", "SourceShape", "SourceZoomsMM",
               "HeaderFixes", "SkullStripDecision"]  # fmt: skip
     extracted = _record(run["out"], "02", "sub-02")  # its brain extracted: every attempt kept
-    assert list(extracted) == [*learnt, "BrainExtraction", *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    # "Resume" (participant/resume.py), after the others
+    ending = [*_OUTCOME_KEYS, *_INVOCATION_KEYS, "Resume"]
+    assert list(extracted) == [*learnt, "BrainExtraction", *ending]
     assert extracted["Registration"]["Engine"] and extracted["Registration"]["Methods"]
     stripped = _record(run["out"], "01", "sub-01_ses-1_run-1")  # skull-stripped already
     assert stripped["SkullStripDecision"] == "auto: input already skull-stripped"
-    assert list(stripped) == [*learnt, *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    assert list(stripped) == [*learnt, *ending]
     failed = _record(run["out"], "03", "sub-03")  # failed on loading: nothing learnt about it
-    assert list(failed) == ["Source", "StepSeconds", *_OUTCOME_KEYS, *_INVOCATION_KEYS]
+    assert list(failed) == ["Source", "StepSeconds", *ending]
 
 
 def test_the_report_tells_about_the_run(run):
@@ -309,7 +311,7 @@ def test_rerun_of_one_participant_keeps_the_others_and_leaves_no_partial_files(r
     code = main(
         [str(run["root"]), str(out), "participant", "--participant-label", "sub-02",
          "--output-spaces", SPACE, f"{SPACE}:res-2", "--preset", "fast",
-         "--skip-bids-validation", "--in-process"],
+         "--skip-bids-validation", "--in-process", "--rerun"],
         engines=dataset_engines(),
     )  # fmt: skip
     assert code == ExitCode.OK

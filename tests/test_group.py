@@ -739,3 +739,62 @@ def test_group_level_on_real_ds002748_participants(shared_data, tmp_path):
     page = (out / "group.html").read_text()
     assert page.count('<figure class="thumb') == 4
     assert all(f'href="sub-{s}.html"' in page for s in DS002748)
+
+
+# ---- lesions (group/lesions.py) ---------------------------------------------------------------
+
+
+def test_lesion_voxels_are_left_out_of_the_jacobian_statistics(tmp_path, grid, fetch):
+    """Two participants with template-space lesion masks: per voxel, the mean and SD are numpy's
+    over the participants whose lesion is elsewhere, the count map says how many, and the t map
+    (which needs every participant) is 0 wherever a lesion lies."""
+    out = tmp_path / "out"
+    groups = {f"{i:02d}": ("A" if i <= 3 else "B") for i in range(1, 7)}
+    written = write_cohort(out, grid, groups, seed=5)
+    brain = grid.mask > 0
+    lesions = {
+        "01": synth.sphere(grid.shape, grid.affine, CENTRE_MM, 10.0) & brain,
+        "05": synth.sphere(grid.shape, grid.affine, (-25.0, -5.0, 10.0), 12.0) & brain,
+    }
+    for subject, lesion in lesions.items():
+        t1w_map = drv.space_path(out, synth_t1w(subject), "t1w", SPACE)
+        assert t1w_map.is_file()
+        nib.Nifti1Image(lesion.astype(np.uint8), grid.affine).to_filename(
+            drv.space_path(out, synth_t1w(subject), "lesion", SPACE)
+        )
+    assert (lesions["01"] & lesions["05"]).any() and (lesions["01"] & ~lesions["05"]).any()
+    bids = write_bids(tmp_path / "bids", "group", groups)
+    group(out, fetch, bids, "group")
+
+    stack = np.stack([written[s].logjac_total for s in sorted(groups)]).astype(np.float64)
+    for index, subject in enumerate(sorted(groups)):
+        if subject in lesions:
+            stack[index][lesions[subject]] = np.nan
+    expected_count = np.sum(~np.isnan(stack), axis=0)
+    count = load(drv.group_space_path(out, "lesion_free_count", LABEL))
+    assert np.array_equal(count, expected_count) and count.min() == 4
+    mean = load(drv.group_space_path(out, "logjac_mean", LABEL, "total"))
+    sd = load(drv.group_space_path(out, "logjac_sd", LABEL, "total"))
+    assert np.allclose(mean, np.nanmean(stack, axis=0), atol=1e-6)
+    assert np.allclose(sd, np.nanstd(stack, axis=0, ddof=1), atol=1e-5)
+    t = t_map(out)
+    covered = lesions["01"] | lesions["05"]
+    assert np.all(t[covered] == 0)
+    full = np.stack([written[s].logjac_total for s in sorted(groups)]).astype(np.float64)
+    expected_t = stats.ttest_ind(full[:3], full[3:], axis=0).statistic
+    assert np.allclose(t[~covered], expected_t[~covered], rtol=1e-4, atol=1e-4)
+    sidecar = json.loads(
+        drv.sidecar_path(drv.group_space_path(out, "lesion_free_count", LABEL)).read_text()
+    )
+    assert sidecar["LesionMasks"]["Participants"] == ["sub-01", "sub-05"]
+
+
+def test_without_lesion_masks_no_count_map_is_written(planted):
+    assert not drv.group_space_path(planted["out"], "lesion_free_count", LABEL).exists()
+
+
+def synth_t1w(subject: str):
+    from bids_app.participant.discovery import T1wInput
+
+    relpath = f"sub-{subject}/anat/sub-{subject}_T1w.nii.gz"
+    return T1wInput(subject=subject, path=Path(relpath), relpath=relpath, entities={})

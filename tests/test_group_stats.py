@@ -293,3 +293,32 @@ def test_three_groups_give_the_models_f_map_equal_to_scipys_anova(tmp_path, grid
     samples = [np.stack([logjacs[k] for k in groups if groups[k] == g])[:, brain] for g in "ABC"]
     assert np.allclose(f[brain], stats.f_oneway(*samples, axis=0).statistic, rtol=1e-4)
     assert not list(drv.group_dir(tmp_path / "out").glob("*logpFWE*"))  # no permutations for F
+
+
+def test_the_model_leaves_out_the_voxels_a_participants_lesion_covers(tmp_path, grid, fetch):
+    """A lesion that gives sub-01 a huge log-Jacobian inside it: with its label-lesion_roi in
+    template space, those voxels leave the analysis mask (model t = 0) and the rest is scipy's."""
+    from bids_app.group.lesions import lesion_path
+
+    rng = np.random.default_rng(4)
+    groups = {f"{i:02d}": "A" if i <= 4 else "B" for i in range(1, 10)}
+    logjacs = {k: noise(grid, rng) for k in groups}
+    lesion = (blob(grid, CENTRE_MM, 12.0) > 0.3) & (grid.mask > 0)
+    logjacs["01"][lesion] = 3.0  # the regulariser's guess inside a lesion: not a measurement
+    write_participants(tmp_path / "out", grid, logjacs)
+    t1w_map = next((tmp_path / "out" / "sub-01" / "anat").glob("*_desc-preproc_T1w.nii.gz"))
+    nib.Nifti1Image(lesion.astype(np.uint8), grid.affine).to_filename(lesion_path(t1w_map))
+    bids = write_bids(tmp_path / "bids", "group", groups)
+    run(tmp_path / "out", bids, "group", fetch, smoothing_fwhm=0.0, n_permutations=0)
+    t = model_map(tmp_path / "out", "model_t")
+    assert lesion.sum() > 5 and not t[lesion].any()
+    brain = (load(drv.group_space_path(tmp_path / "out", "brain_probseg", LABEL)) >= 0.5) & ~lesion
+    a = np.stack([logjacs[k] for k in groups if groups[k] == "A"])[:, brain]
+    b = np.stack([logjacs[k] for k in groups if groups[k] == "B"])[:, brain]
+    assert np.allclose(t[brain], stats.ttest_ind(a, b, axis=0).statistic, atol=1e-4)
+    sidecar = json.loads(
+        drv.sidecar_path(
+            drv.group_space_path(tmp_path / "out", "model_t", LABEL, "total", "group")
+        ).read_text()
+    )
+    assert "lesion mask" in sidecar["AnalysisMask"] and "sub-01" in sidecar["AnalysisMask"]

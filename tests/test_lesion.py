@@ -289,3 +289,69 @@ def test_the_lesion_is_written_in_template_space_and_kept_in_the_brain_mask(lesi
     citation = (out / "logs" / "CITATION.md").read_text() if (out / "logs").is_dir() else ""
     methods = citation or "".join(p.read_text() for p in out.glob("sub-01*.html"))
     assert "lesion mask given with the T1w" in methods
+
+
+# ---- drawn in the report ------------------------------------------------------------------------
+
+
+def _lesion_coloured_pixels(png: Path) -> int:
+    """Pixels of the lesion's outline colour (figures.OUTLINE_COLOURS['lesion'], anti-aliased)."""
+    from PIL import Image
+
+    from bids_app.reports.figures import OUTLINE_COLOURS
+
+    target = np.array([int(OUTLINE_COLOURS["lesion"][i : i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=float)
+    return int((np.abs(rgb - target).max(axis=-1) < 40).sum())
+
+
+def test_the_report_figures_outline_the_lesion(lesion_run, tmp_path):
+    from bids_app.reports.figures import plot_brain_mask
+
+    out = lesion_run["out"]
+    figures = out / "sub-01" / "figures"
+    native = figures / "sub-01_desc-brain_mask.png"
+    pair = sorted(figures.glob(f"sub-01_space-{TEST_TEMPLATE}_*.png"))
+    assert native.is_file() and pair
+    assert _lesion_coloured_pixels(native) > 20
+    flicker = [p for p in pair if "logjac" not in p.name.lower() and "jacobian" not in p.name]
+    assert len(flicker) == 2 and all(_lesion_coloured_pixels(p) > 20 for p in flicker)
+    # the control: the same figure without the lesion has none of its colour
+    anat = _anat(out, "01")
+    plain = plot_brain_mask(
+        nib.load(anat / "sub-01_desc-preproc_T1w.nii.gz"),
+        nib.load(anat / "sub-01_desc-brain_mask.nii.gz"), tmp_path / "plain.png",
+    )  # fmt: skip
+    assert _lesion_coloured_pixels(plain) == 0
+    page = (out / "sub-01.html").read_text()
+    assert "outlined in yellow" in page and "Yellow outline: the lesion carried into" in page
+
+
+def test_a_lesion_mask_gone_from_the_raw_dataset_is_said_not_drawn(lesion_run, tmp_path):
+    from bids_app.reports.participant import recorded_lesion_path
+
+    out = lesion_run["out"]
+    record = json.loads((out / "sub-01" / "log" / "sub-01_desc-mninorm_run.json").read_text())
+    found = recorded_lesion_path(out, record["LesionMask"])
+    assert found == lesion_run["root"] / "sub-01" / "anat" / "sub-01_label-lesion_roi.nii.gz"
+    (tmp_path / "dataset_description.json").write_text(
+        json.dumps({"DatasetLinks": {"raw": (tmp_path / "gone").as_uri()}})
+    )
+    assert recorded_lesion_path(tmp_path, record["LesionMask"]) is None
+    assert recorded_lesion_path(out, None) is None
+
+
+def test_the_validator_accepts_the_lesion_outputs(lesion_run):
+    import shutil
+
+    from test_derivatives import VALIDATOR, validate
+
+    if shutil.which(VALIDATOR) is None:
+        pytest.skip(f"{VALIDATOR} is not installed (pip install {VALIDATOR})")
+    assert list(lesion_run["out"].rglob("*_label-lesion_roi.nii.gz"))
+    issues = validate(shutil.which(VALIDATOR), lesion_run["out"])
+    about_lesions = [i for i in issues if "lesion" in str(i.get("location"))]
+    errors = [i for i in issues if i["severity"] == "error"]
+    assert not errors and not about_lesions, [
+        (i["severity"], i["code"], i.get("location")) for i in errors + about_lesions
+    ]

@@ -180,6 +180,7 @@ def write_space_inference(
     output_dir: Path, cohort, model: Model, spec: ModelSpec, atlas: Atlas | None
 ) -> SpaceInference:
     """Every model map of one space, and its results table."""
+    from bids_app.group.lesions import any_lesion, participant_lesions
     from bids_app.group.maps import JACOBIANS, _load, participant_mean
 
     grid = cohort.space.grid
@@ -191,6 +192,9 @@ def write_space_inference(
         participant_mean(r, lambda row: _load(row, "mask", grid) > 0) for r in rows.values()
     )
     mask = coverage >= MASK_SHARE * len(rows)
+    lesions = participant_lesions(rows, grid)
+    if lesions:  # the model needs every participant at a voxel (group/lesions.py)
+        mask &= ~any_lesion(lesions, grid.shape)
     written, results = [], []
     for jacobian in spec.jacobians or tuple(JACOBIANS):
 
@@ -322,6 +326,21 @@ def _contrast_label(column: str) -> str:
     return Design(column).contrast
 
 
+def _lesion_clause(rows) -> str:
+    from bids_app.group.lesions import lesion_path
+
+    with_lesion = sorted(
+        {s for s, subject_rows in rows.items() for r in subject_rows
+         if lesion_path(r.result.paths["t1w"]).is_file()}
+    )  # fmt: skip
+    if not with_lesion:
+        return ""
+    return (
+        ", minus the voxels covered by the lesion mask (label-lesion_roi) of any of them "
+        f"({', '.join(f'sub-{s}' for s in with_lesion)})"
+    )
+
+
 def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
     from bids_app.group.maps import JACOBIANS
 
@@ -336,7 +355,7 @@ def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
             "mask (data x mask and mask smoothed alike, then divided)",
         },  # fmt: skip
         "AnalysisMask": f"voxels covered by the brain masks of at least {MASK_SHARE:.0%} of the "
-        "model's participants",
+        "model's participants" + _lesion_clause(rows),
         "Permutations": {
             "Count": spec.n_permutations if model.statistic == "t" else 0,
             "Seed": spec.seed,

@@ -32,6 +32,12 @@ from bids_app.errors import MninormError
 from bids_app.group.cohort import CohortRow, SpaceCohort
 from bids_app.group.collect import Grid, read_map
 from bids_app.group.design import Design
+from bids_app.group.lesions import (
+    LesionFreeStats,
+    any_lesion,
+    lesion_sidecar,
+    participant_lesions,
+)
 from bids_app.outputs import derivatives as drv
 
 log = logging.getLogger(__name__)
@@ -229,15 +235,23 @@ def _write_jacobian_maps(context: _Context, jacobian: str) -> tuple[list[Path], 
     grid, design = context.grid, context.design
     kind = f"logjac_{jacobian}"
     comparing = design is not None and design.usable and not design.numeric
+    lesions = participant_lesions(context.by_subject, grid)
+    lesion_free = LesionFreeStats(grid.shape) if lesions else None
     cells: dict[str | None, RunningStats] = {}
     for subject, rows in context.by_subject.items():
         level = design.level_of.get(subject) if comparing else None
-        cells.setdefault(level, RunningStats()).add(
-            participant_mean(rows, lambda r: _load(r, kind, grid))
-        )
+        values = participant_mean(rows, lambda r: _load(r, kind, grid))
+        if lesion_free is not None:
+            lesion_free.add(values, lesions.get(subject))
+        cells.setdefault(level, RunningStats()).add(values)
     written, stat_maps = [], []
     if comparing:
         groups = [cells[level] for level in design.levels]
+        if lesions:  # tests need every participant at a voxel: lesioned voxels left out
+            covered = any_lesion(lesions, grid.shape)
+            for group in groups:
+                group.mean[covered] = 0.0
+                group.m2[covered] = 0.0
         if len(groups) == 2:
             written_now, stat = _write_t_maps(context, jacobian, *groups)
         else:
@@ -249,14 +263,19 @@ def _write_jacobian_maps(context: _Context, jacobian: str) -> tuple[list[Path], 
         overall.absorb(cells.pop(level))
     common = _common_sidecar(context, _sources(context, (kind,)))
     meaning = f"Log-Jacobian of {JACOBIANS[jacobian]}"
+    mean, sd = overall.mean, overall.sd()
+    if lesion_free is not None:  # per voxel, the participants whose lesion is elsewhere
+        if jacobian == next(iter(JACOBIANS)):
+            written.append(_write_lesion_free_count(context, lesion_free.count, lesions, common))
+        mean, sd = lesion_free.mean, None if sd is None else lesion_free.sd()
+        common = {**common, **lesion_sidecar(lesions)}
     written.append(
-        _write(context.path("logjac_mean", jacobian), overall.mean, {
+        _write(context.path("logjac_mean", jacobian), mean, {
             **common, "Description": f"Voxel-wise mean of {overall.count} participants' "
             f"log-Jacobian maps. {meaning}.", "Jacobian": jacobian,
             "Units": "log(volume ratio participant / template)",
         }, grid)
     )  # fmt: skip
-    sd = overall.sd()
     if sd is not None:
         written.append(
             _write(context.path("logjac_sd", jacobian), sd, {
@@ -266,6 +285,14 @@ def _write_jacobian_maps(context: _Context, jacobian: str) -> tuple[list[Path], 
             }, grid)
         )  # fmt: skip
     return written, stat_maps
+
+
+def _write_lesion_free_count(context: _Context, count, lesions, common) -> Path:
+    return _write(context.path("lesion_free_count"), count, {
+        **common, **lesion_sidecar(lesions), "Description": "Number of participants whose "
+        "log-Jacobian counts at each voxel: those whose lesion mask does not cover it.",
+        "Units": "participants",
+    }, context.grid)  # fmt: skip
 
 
 def two_sample_t(a: RunningStats, b: RunningStats) -> tuple[np.ndarray, np.ndarray, int]:

@@ -58,8 +58,10 @@ T1W_LOG = "desc-mninorm_log.txt"  # what was said and printed while the T1w ran 
 # Folder names carry no trailing slash: bids-validator-deno (3.0) does not ignore a folder itself
 # with "figures/" (it reports "sub-01/figures/" as NOT_INCLUDED); "figures" matches the folder and
 # everything in it, with every gitignore-style matcher.
+# "*_label-lesion_roi.*": fMRIPrep's name for a lesion mask, which BIDS derivatives do not define
 BIDSIGNORE = (
     "*_xfm.*", "*_logjacobian.*", "*_qc.*", "figures", "log", "logs", "*.html", "group",
+    "*_label-lesion_roi.*",
 )  # fmt: skip
 
 # Group level (bids_app/group/): everything in output_dir/group/ (ignored by the validator: BIDS has
@@ -80,6 +82,8 @@ GROUP_SPACE_OUTPUTS = {
     "brain_probseg": "space-{space}_label-brain_probseg.nii.gz",
     "logjac_mean": "space-{space}_stat-mean_desc-{jacobian}_statmap.nii.gz",
     "logjac_sd": "space-{space}_stat-sd_desc-{jacobian}_statmap.nii.gz",
+    # only when some participant has a lesion mask (group/lesions.py)
+    "lesion_free_count": "space-{space}_stat-count_desc-lesionfree_statmap.nii.gz",
     "t": "space-{space}_contrast-{contrast}_stat-t_desc-{jacobian}_statmap.nii.gz",
     "effect": "space-{space}_contrast-{contrast}_stat-effect_desc-{jacobian}_statmap.nii.gz",
     "F": "space-{space}_contrast-{contrast}_stat-F_desc-{jacobian}_statmap.nii.gz",

@@ -205,6 +205,8 @@ class RunRecord(_JsonRecord):
     end_time: str | None = _key("EndTime")
     threads_total: int | None = _key("ThreadsTotal")
     parallel_participants: int | None = _key("ParallelParticipants")
+    # What resume compares (participant/resume.py): the inputs' hashes, the output settings
+    resume: dict | None = _key("Resume", load=_mapping)
     extra: dict = _extra()
 
     @property

@@ -49,9 +49,18 @@ def collect_t1w(
     session_labels: tuple[str, ...] = (),
     filters: dict | None = None,
     validate: bool = True,
+    database_dir: Path | None = None,
 ) -> Selection:
-    """Every T1w of the selected participants and sessions, each run separately."""
-    layout = _open_layout(bids_dir, validate)
+    """Every T1w of the selected participants and sessions, each run separately.
+
+    Only the selected participants' folders are indexed (pybids ignores the others'), and with
+    ``database_dir`` the index is saved there and reused (``indexing.open_layout``).
+    """
+    from bids_app.participant.indexing import open_layout, requested_subjects
+
+    _check_dataset(bids_dir)
+    wanted = requested_subjects(bids_dir, participant_labels)
+    layout = open_layout(bids_dir, wanted, validate, database_dir)
     subjects = _select_subjects(layout, participant_labels, bids_dir)
     query = {**T1W_QUERY, **_pybids_filters(filters or {})}
     if session_labels:
@@ -83,22 +92,12 @@ def collect_t1w(
     return Selection(by_subject, tuple(missing))
 
 
-def _open_layout(bids_dir: Path, validate: bool):
-    from bids import BIDSLayout
-    from bids.exceptions import BIDSValidationError
-
+def _check_dataset(bids_dir: Path) -> None:
     if not (bids_dir / "dataset_description.json").is_file():
         raise InvalidBIDSError(
             f"{bids_dir} is not a BIDS dataset: it has no dataset_description.json; point bids_dir "
             "at the dataset's top folder (the one holding sub-* folders)"
         )
-    try:
-        # pybids only reads; database_path=None keeps its index in memory, never in the dataset.
-        return BIDSLayout(str(bids_dir.resolve()), validate=validate, database_path=None)
-    except BIDSValidationError as err:
-        raise InvalidBIDSError(
-            f"{bids_dir} is not a valid BIDS dataset ({err}); fix it or pass --skip-bids-validation"
-        ) from err
 
 
 def _select_subjects(layout, labels: tuple[str, ...], bids_dir: Path) -> list[str]:

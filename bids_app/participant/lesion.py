@@ -50,7 +50,7 @@ class Lesion:
 
     def as_record(self) -> dict:
         return {
-            "Source": f"bids::{self.relpath}",
+            "Source": f"bids:raw:{self.relpath}",  # outputs.derivatives.bids_uri: the input dataset
             "Voxels": self.voxels,
             "VolumeML": round(self.volume_ml, 3),
             "Resampled": self.resampled,

@@ -32,6 +32,7 @@ from bids_app.outputs.record import (
     write_run_record,
 )
 from bids_app.outputs.source import T1wInput
+from bids_app.participant import resume
 from bids_app.participant.brain import Attempt, BrainExtraction
 from bids_app.participant.headstart import write_start
 from bids_app.settings import Settings
@@ -59,6 +60,10 @@ class Templates:
 
     spaces: dict  # template name -> TemplateSet
     brain: Template | None  # the head brain extraction registers to (None: the first space's)
+
+
+# The summary's word for a T1w that resume skipped (its outputs were complete and unchanged)
+SKIPPED = "ok (unchanged since its last run: skipped)"
 
 
 @dataclass(frozen=True)
@@ -664,6 +669,10 @@ def _run_t1w(
         "sub-%s: %s started (run %s)", t1w.subject, t1w.relpath, run.run_uuid,
     )  # fmt: skip
     learnt: dict = {}
+    resume_fields = _resume_fields(t1w, settings)
+    _write_started_record(settings, t1w, run, started, resume_fields)
+    # A killed run's temporary files: nothing else would remove them
+    drv.remove_partial_files(settings.output_dir / f"sub-{t1w.subject}")
     try:
         if refusal is not None:
             raise MemoryBudgetError(refusal)
@@ -682,13 +691,20 @@ def _run_t1w(
         # INFO: the T1w's log file keeps it; the console shows it with -v.
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
         outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
-    _write_run_record(settings, t1w, outcome, learnt, run, started)
+    _write_run_record(settings, t1w, outcome, learnt, run, started, resume_fields)
     progress.announce(
         log, progress.T1wEnded(t1w.subject, prefix, outcome.ok, outcome.seconds),
         "sub-%s: %s %s; run record %s", t1w.subject, t1w.relpath,
         "ok" if outcome.ok else "failed", drv.run_record_path(settings.output_dir, t1w),
     )  # fmt: skip
     return outcome
+
+
+def _resume_fields(t1w: T1wInput, settings: Settings) -> dict | None:
+    try:
+        return resume.fingerprint(t1w, settings).as_record()
+    except OSError:  # an unreadable input: loading it fails and says so
+        return None
 
 
 def _write_report(subject: str, settings: Settings) -> None:
@@ -702,9 +718,34 @@ def _write_report(subject: str, settings: Settings) -> None:
         log.warning("sub-%s: QC and report not written (%s: %s)", subject, type(err).__name__, err)
 
 
+def _write_started_record(
+    settings: Settings, t1w: T1wInput, run: RunInfo, started: str, resume_fields: dict | None
+) -> None:
+    """Before the first output is (over)written: a record without an end time, which resume
+    redoes and reports show as failed if the run is killed (it is replaced when the T1w ends)."""
+    record = RunRecord(
+        source=drv.bids_uri(t1w.relpath),
+        status="failed",
+        error=f"started at {started} and did not end (the run was killed or is still running)",
+        output_spaces=tuple(str(space) for space in settings.output_spaces),
+        preset=settings.preset,
+        engine=settings.engine,
+        random_seed=settings.random_seed,
+        run_uuid=run.run_uuid,
+        command_line=run.command_line,
+        run_start_time=run.start_time,
+        start_time=started,
+        resume=resume_fields,
+    )
+    try:
+        write_run_record(record, drv.run_record_path(settings.output_dir, t1w))
+    except OSError as err:  # as for the final record: its loss must not fail the T1w
+        log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
+
+
 def _write_run_record(
     settings: Settings, t1w: T1wInput, outcome: T1wOutcome, learnt: dict, run: RunInfo,
-    started: str,
+    started: str, resume_fields: dict | None = None,
 ) -> None:  # fmt: skip
     """What happened to one T1w, success or not, and in which run: reports and QC read it from
     disk."""
@@ -734,6 +775,7 @@ def _write_run_record(
             end_time=utc_now(),
             threads_total=settings.nthreads,
             parallel_participants=1 if settings.in_process else settings.parallel_participants,
+            resume=resume_fields,
         )
         write_run_record(record, drv.run_record_path(out, t1w))
     except OSError as err:  # the record is a convenience; its loss must not fail the T1w
@@ -764,12 +806,18 @@ def run_participants(
         log.info("%s", plan.describe())
         refusals = {subject: plan.refusal(subject) for subject in plan.too_large}
     parallel = 1 if settings.in_process else settings.parallel_participants
+    if settings.dask_scheduler:
+        parallel = len(by_subject)  # the cluster's workers decide; all are sent at once
     start = progress.RunStarted(
         tuple(by_subject), tuple(len(t1ws) for t1ws in by_subject.values()), settings.templates,
         parallel,
     )  # fmt: skip
     progress.announce(log, start, "%d participant(s), %d at a time", len(by_subject), parallel)
     try:
+        if settings.dask_scheduler:
+            from bids_app.participant.cluster import run_on_cluster
+
+            return run_on_cluster(by_subject, settings, templates, run, verbosity)
         outcomes = {}
         for subject, reason in refusals.items():  # in this process, before any child starts
             outcomes[subject] = run_participant(

@@ -22,7 +22,7 @@ VIEWS = ("sagittal", "coronal", "axial")  # the fixed axis is x, y, z of a RAS a
 N_SLICES = 7
 PANEL_INCHES = 1.75
 DPI = 96
-OUTLINE_COLOURS = {"brain": "#ff3b30", "template": "#33d17a"}
+OUTLINE_COLOURS = {"brain": "#ff3b30", "template": "#33d17a", "lesion": "#ffcc00"}
 LOGJAC_LIMIT = 0.5  # colour scale of log-Jacobian maps: +-0.5 = volume ratio 0.61 ... 1.65
 
 
@@ -172,26 +172,61 @@ def _coordinate_label(affine: np.ndarray, shape, view: str, index: int) -> str:
 # ---- the figures of one T1w ------------------------------------------------------------------
 
 
-def plot_brain_mask(t1w_img, mask_img, path: Path) -> Path:
-    """The native brain mask outlined on the native (bias-corrected) T1w."""
+def plot_brain_mask(t1w_img, mask_img, path: Path, lesion_img=None) -> Path:
+    """The native brain mask outlined on the native (bias-corrected) T1w, and the lesion (its own
+    colour) when the T1w had a lesion mask; the middle slices go through the lesion then."""
     t1w_img, mask_img = canonical(t1w_img), canonical(mask_img)
-    mask = np.asarray(mask_img.dataobj)
+    lesion = _lesion_outline(lesion_img, t1w_img)
     return plot_mosaic(
-        t1w_img, path, choose_cuts(mask),
-        outlines=((mask_img, OUTLINE_COLOURS["brain"]),), window_mask=mask_img,
+        t1w_img, path, _cuts_through_lesion(np.asarray(mask_img.dataobj), lesion),
+        outlines=((mask_img, OUTLINE_COLOURS["brain"]), *lesion), window_mask=mask_img,
     )  # fmt: skip
 
 
-def plot_normalisation(normalised_img, template_img, template_mask_img, paths: tuple[Path, Path]):
+def plot_normalisation(
+    normalised_img, template_img, template_mask_img, paths: tuple[Path, Path], lesion_img=None
+):
     """Two mosaics with the same slices and the template's brain outline: the normalised T1w
-    (``paths[0]``) and the template (``paths[1]``), to flick between."""
+    (``paths[0]``) and the template (``paths[1]``), to flick between; the lesion in template
+    space outlined on both when the T1w had a lesion mask."""
     normalised_img, template_img = canonical(normalised_img), canonical(template_img)
     template_mask_img = canonical(template_mask_img)
-    cuts = choose_cuts(np.asarray(template_mask_img.dataobj))
-    outline = ((template_mask_img, OUTLINE_COLOURS["template"]),)
+    lesion = _lesion_outline(lesion_img, template_img)
+    cuts = _cuts_through_lesion(np.asarray(template_mask_img.dataobj), lesion)
+    outline = ((template_mask_img, OUTLINE_COLOURS["template"]), *lesion)
     for img, path in zip((normalised_img, template_img), paths, strict=True):
         plot_mosaic(img, path, cuts, outlines=outline, window_mask=template_mask_img)
     return paths
+
+
+def _lesion_outline(lesion_img, background) -> tuple:
+    """The (lesion, colour) outline on the background's grid; none without a lesion."""
+    if lesion_img is None:
+        return ()
+    lesion_img = canonical(lesion_img)
+    if lesion_img.shape[:3] != background.shape[:3] or not np.allclose(
+        lesion_img.affine, background.affine, atol=1e-3
+    ):
+        from nibabel.processing import resample_from_to
+
+        lesion_img = resample_from_to(lesion_img, (background.shape[:3], background.affine), 0)
+    return ((lesion_img, OUTLINE_COLOURS["lesion"]),)
+
+
+def _cuts_through_lesion(mask: np.ndarray, lesion_outline: tuple) -> Cuts:
+    """The brain's cuts, with the middle slice of each view moved onto the lesion's centre (a
+    small lesion could fall between the slices otherwise)."""
+    cuts = choose_cuts(mask)
+    lesion = np.asarray(lesion_outline[0][0].dataobj) > 0 if lesion_outline else None
+    if lesion is None or not lesion.any():
+        return cuts
+    centre = np.rint(np.argwhere(lesion).mean(0)).astype(int)
+    moved = []
+    for axis, view in enumerate(VIEWS):
+        indices = sorted({*cuts.of(view)} - {cuts.of(view)[len(cuts.of(view)) // 2]}
+                         | {int(centre[axis])})  # fmt: skip
+        moved.append(tuple(indices))
+    return Cuts(*moved)
 
 
 def plot_log_jacobian(logjac_img, template_img, template_mask_img, path: Path) -> Path:

@@ -62,6 +62,7 @@ class _Figures:
     normalisation: dict  # template -> (participant figure, template figure)
     logjac: dict  # template -> figure
     problems: tuple[str, ...] = ()
+    lesion: bool = False  # the lesion is outlined in the figures
 
 
 def write_participant_report(
@@ -161,9 +162,13 @@ def _draw_figures(output_dir: Path, result: qc.T1wQC, fetch_template) -> _Figure
     brain_mask = None
     native_t1w = drv.native_path(output_dir, t1w, "t1w")
     native_mask = drv.native_path(output_dir, t1w, "mask")
+    native_lesion = recorded_lesion_path(output_dir, record.content.lesion_mask)
+    if record.content.lesion_mask and native_lesion is None:
+        problems.append("the lesion mask named in the run record is not found (not outlined)")
     if native_t1w.is_file() and native_mask.is_file():
         path = drv.figure_path(output_dir, t1w, "brain_mask")
-        figures.plot_brain_mask(nib.load(native_t1w), nib.load(native_mask), path)
+        lesion_img = None if native_lesion is None else nib.load(native_lesion)
+        figures.plot_brain_mask(nib.load(native_t1w), nib.load(native_mask), path, lesion_img)
         brain_mask = relative(path)
     else:
         problems.append("the native T1w or brain mask is missing")
@@ -186,12 +191,38 @@ def _draw_figures(output_dir: Path, result: qc.T1wQC, fetch_template) -> _Figure
             drv.figure_path(output_dir, t1w, "space_template", space),
         )
         template_t1w, template_mask = nib.load(template.t1w_path), nib.load(template.mask_path)
-        figures.plot_normalisation(nib.load(normalised), template_t1w, template_mask, pair)
+        space_lesion = drv.space_path(output_dir, t1w, "lesion", space)
+        lesion_img = nib.load(space_lesion) if space_lesion.is_file() else None
+        if record.content.lesion_mask and lesion_img is None:
+            problems.append(f"the lesion mask in {space} is missing (not outlined)")
+        figures.plot_normalisation(
+            nib.load(normalised), template_t1w, template_mask, pair, lesion_img
+        )
         path = drv.figure_path(output_dir, t1w, "logjac_nonlinear", space)
         figures.plot_log_jacobian(nib.load(logjac_map), template_t1w, template_mask, path)
         normalisation[space_qc.template] = tuple(relative(p) for p in pair)
         logjac[space_qc.template] = relative(path)
-    return _Figures(brain_mask, normalisation, logjac, tuple(problems))
+    lesion = bool(record.content.lesion_mask)
+    return _Figures(brain_mask, normalisation, logjac, tuple(problems), lesion)
+
+
+def recorded_lesion_path(output_dir: Path, lesion_record: dict | None) -> Path | None:
+    """The input lesion mask a run record names (``LesionMask.Source``, a BIDS URI into the raw
+    dataset that ``dataset_description.json``'s DatasetLinks locates), if it is still there."""
+    import json
+    from urllib.parse import unquote, urlparse
+
+    source = (lesion_record or {}).get("Source", "")
+    prefix = next((p for p in ("bids:raw:", "bids::") if source.startswith(p)), None)
+    if prefix is None:
+        return None
+    try:
+        description = json.loads((output_dir / "dataset_description.json").read_text())
+        raw = urlparse(description["DatasetLinks"]["raw"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = Path(unquote(raw.path)) / source[len(prefix) :]
+    return path if raw.scheme == "file" and path.is_file() else None
 
 
 def _figure_list(drawn: _Figures) -> list[str]:
@@ -227,6 +258,7 @@ class T1wView:
     error: str | None  # why the T1w failed
     problems: tuple[str, ...]  # figures that could not be drawn
     brain_mask: str | None
+    lesion: bool  # the figures outline the lesion
     extraction: dict | None  # {"header", "attempts" (rows of texts), "fallback"}
     spaces: list  # SpaceView
 
@@ -281,6 +313,7 @@ def _t1w_view(result: qc.T1wQC, drawn: _Figures) -> T1wView:
         error=None if record.ok else (content.error or "unknown error"),
         problems=drawn.problems,
         brain_mask=drawn.brain_mask,
+        lesion=drawn.lesion,
         extraction=_attempts(content.brain_extraction),
         spaces=[_space_view(space_qc, drawn) for space_qc in result.spaces],
     )

@@ -1,0 +1,367 @@
+"""The scale benchmark (``python -m benchmarks scale``): indexing a large dataset and resuming a
+finished run, on this machine, each measured in a fresh process.
+
+- ``index``: a BIDS dataset of ``--participants`` participants of tiny T1w files (one 4x4x4
+  image each); the time ``collect_t1w`` takes for ``--requested`` of them without a saved index,
+  with ``--bids-database-dir`` the first time (it indexes and saves) and the second time (it
+  reads), and, with ``--whole``, pybids indexing the whole dataset (what the participant level did
+  before indexing only the requested participants).
+- ``resume``: ``--resume-participants`` skull-stripped participants (nilearn's brain at 4 mm,
+  each moved a little) on a miniature TemplateFlow made of the same brain, run with the tests'
+  fake engine (``tests/fakes.py``: no registration) and then again three ways: unchanged (every
+  T1w must be skipped: its run record's identifier unchanged), with another preset (every T1w
+  redone), with one input changed (that one redone).
+- ``group``: ``--group-participants`` synthetic participants' outputs on the 2 mm grid
+  (``benchmarks/synth_group.py``; at most 100 distinct ones, read again in turn), their total
+  log-Jacobian maps' mean and SD accumulated by ``bids_app/group/accumulate.py`` with 1 and 2
+  worker processes (time, peak memory).
+- ``dask``: the same participants' first run with the local executor (``--nthreads 2
+  --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
+
+Results: ``<out>/scale.json`` and the lines printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAPE = (4, 4, 4)
+RESUME_TEMPLATE = "MNI152NLin2009aSym"
+RESUME_GRID_MM = 4.0
+
+
+def _labels(count: int) -> list[str]:
+    return [f"{i + 1:04d}" for i in range(count)]
+
+
+# ---- indexing ---------------------------------------------------------------------------------
+
+
+def make_tiny_dataset(root: Path, participants: int) -> None:
+    import nibabel as nib
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "scale benchmark", "BIDSVersion": "1.9.0", "DatasetType": "raw"})
+    )
+    tiny = root / ".tiny.nii.gz"
+    nib.Nifti1Image(np.ones(TINY_SHAPE, np.int16), np.eye(4)).to_filename(tiny)
+    data = tiny.read_bytes()
+    tiny.unlink()
+    lines = ["participant_id\tage"]
+    for label in _labels(participants):
+        anat = root / f"sub-{label}" / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        (anat / f"sub-{label}_T1w.nii.gz").write_bytes(data)
+        (anat / f"sub-{label}_T1w.json").write_text('{"RepetitionTime": 2.3}\n')
+        lines.append(f"sub-{label}\t30")
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+
+
+_INDEX_CHILD = """
+import sys, time, json
+from pathlib import Path
+start = time.perf_counter()
+from bids_app.participant.discovery import collect_t1w
+imported = time.perf_counter()
+labels = tuple(json.loads(sys.argv[2]))
+database = Path(sys.argv[3]) if sys.argv[3] != "-" else None
+if sys.argv[4] == "whole":
+    from bids import BIDSLayout
+    layout = BIDSLayout(sys.argv[1], validate=True, database_path=None)
+    found = len(layout.get(suffix="T1w", extension=[".nii", ".nii.gz"]))
+else:
+    selection = collect_t1w(Path(sys.argv[1]), labels, validate=True, database_dir=database)
+    found = sum(len(t) for t in selection.t1w_by_subject.values())
+end = time.perf_counter()
+print(json.dumps({"seconds": end - imported, "import_seconds": imported - start, "t1w": found}))
+"""
+
+
+def _time_index(root: Path, labels, database: Path | None, mode: str = "selected") -> dict:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _INDEX_CHILD, str(root), json.dumps(list(labels)),
+         str(database) if database else "-", mode],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def bench_index(out: Path, participants: int, requested: int, whole: bool) -> dict:
+    root = out / f"bids_{participants}"
+    if not (root / "participants.tsv").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        make_tiny_dataset(root, participants)
+        print(
+            f"dataset of {participants} participants made in {time.perf_counter() - started:.1f} s"
+        )
+    database = out / "index_db"
+    shutil.rmtree(database, ignore_errors=True)
+    labels = _labels(participants)[:: max(1, participants // requested)][:requested]
+    rows = {
+        "no saved index": _time_index(root, labels, None),
+        "--bids-database-dir, first call (indexes, saves)": _time_index(root, labels, database),
+        "--bids-database-dir, second call (reads)": _time_index(root, labels, database),
+    }
+    if whole:
+        rows["whole dataset indexed (pybids default)"] = _time_index(root, (), None, "whole")
+    for name, row in rows.items():
+        print(
+            f"index {requested} of {participants}: {name}: {row['seconds']:.2f} s "
+            f"(process {row['process_seconds']:.1f} s, {row['t1w']} T1w)"
+        )
+    return {"participants": participants, "requested": requested, "rows": rows}
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+
+def _brain(grid_mm: float):
+    import nibabel as nib
+    import nilearn.datasets
+    from nibabel.processing import resample_from_to
+
+    path = (
+        Path(nilearn.datasets.__file__).parent
+        / "data"
+        / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    )
+    brain = nib.load(str(path))
+    shape = tuple(int(np.ceil(s / grid_mm)) for s in brain.shape)
+    affine = brain.affine @ np.diag([grid_mm, grid_mm, grid_mm, 1.0])
+    return resample_from_to(brain, (shape, affine), order=1)
+
+
+def make_resume_inputs(out: Path, participants: int) -> tuple[Path, Path]:
+    """A miniature TemplateFlow (the brain, with a mask) and a dataset of moved copies."""
+    import nibabel as nib
+
+    templateflow = out / "templateflow"
+    folder = templateflow / f"tpl-{RESUME_TEMPLATE}"
+    brain = _brain(RESUME_GRID_MM)
+    data = np.asarray(brain.dataobj, dtype=np.float32)
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        nib.Nifti1Image(data, brain.affine).to_filename(
+            folder / f"tpl-{RESUME_TEMPLATE}_res-01_T1w.nii.gz"
+        )
+        mask = (data > 0.2 * data.max()).astype(np.uint8)
+        nib.Nifti1Image(mask, brain.affine).to_filename(
+            folder / f"tpl-{RESUME_TEMPLATE}_res-01_desc-brain_mask.nii.gz"
+        )
+        (folder / "template_description.json").write_text(
+            json.dumps(
+                {
+                    "Identifier": RESUME_TEMPLATE,
+                    "Name": "scale benchmark miniature",
+                    "TemplateFlowVersion": "bench",
+                }
+            )  # fmt: skip
+        )
+    root = out / "resume_bids"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "resume benchmark", "BIDSVersion": "1.9.0", "DatasetType": "raw"})
+    )
+    rng = np.random.default_rng(0)
+    for label in _labels(participants):
+        affine = brain.affine.copy()
+        affine[:3, 3] += rng.uniform(-4, 4, 3)  # each participant a little elsewhere
+        anat = root / f"sub-{label}" / "anat"
+        anat.mkdir(parents=True)
+        nib.Nifti1Image(data, affine).to_filename(anat / f"sub-{label}_T1w.nii.gz")
+    return templateflow, root
+
+
+_RESUME_CHILD = """
+import sys, time, json
+sys.path.insert(0, sys.argv[1])
+from fakes import FakeEngines
+from bids_app.cli import main
+start = time.perf_counter()
+code = main(json.loads(sys.argv[2]), engines=FakeEngines())
+print(json.dumps({"code": int(code), "seconds": time.perf_counter() - start}))
+"""
+
+
+def _mninorm(root: Path, out: Path, templateflow: Path, *extra: str) -> dict:
+    argv = [str(root), str(out), "participant", "--output-spaces", RESUME_TEMPLATE,
+            "--preset", "fast", "--nthreads", "2", "--omp-nthreads", "1",
+            "--skip-bids-validation", "-q", *extra]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _RESUME_CHILD, str(ROOT / "tests"), json.dumps(argv)],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TEMPLATEFLOW_HOME": str(templateflow),
+             "TEMPLATEFLOW_AUTOUPDATE": "0"},
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"mninorm failed ({done.returncode}): {done.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _run_ids(out: Path) -> dict:
+    return {
+        path.parent.parent.name: json.loads(path.read_text())["RunUUID"]
+        for path in sorted(out.glob("sub-*/log/*_desc-mninorm_run.json"))
+    }
+
+
+def bench_resume(out: Path, participants: int) -> dict:
+    templateflow, root = make_resume_inputs(out, participants)
+    results = out / "resume_out"
+    shutil.rmtree(results, ignore_errors=True)
+    rows = {"first run": _mninorm(root, results, templateflow)}
+    first = _run_ids(results)
+    rows["unchanged"] = _mninorm(root, results, templateflow)
+    unchanged = _run_ids(results)
+    rows["unchanged"]["redone"] = sorted(s for s in first if unchanged[s] != first[s])
+    rows["--preset precise"] = _mninorm(root, results, templateflow, "--preset", "precise")
+    precise = _run_ids(results)
+    rows["--preset precise"]["redone"] = sorted(s for s in first if precise[s] != unchanged[s])
+    changed = root / "sub-0003" / "anat" / "sub-0003_T1w.nii.gz"
+    import nibabel as nib
+
+    img = nib.load(changed)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0] += 1.0
+    nib.Nifti1Image(data, img.affine).to_filename(changed)
+    rows["one input changed"] = _mninorm(root, results, templateflow, "--preset", "precise")
+    last = _run_ids(results)
+    rows["one input changed"]["redone"] = sorted(s for s in first if last[s] != precise[s])
+    for name, row in rows.items():
+        redone = row.get("redone")
+        what = "" if redone is None else f"; redone: {len(redone)} ({', '.join(redone[:3])})"
+        print(
+            f"resume, {participants} participants, {name}: {row['seconds']:.1f} s in mninorm "
+            f"({row['seconds'] / participants:.2f} s per participant; process "
+            f"{row['process_seconds']:.1f} s; exit {row['code']}){what}"
+        )
+    return {"participants": participants, "rows": rows}
+
+
+def bench_dask(out: Path, participants: int) -> dict:
+    """The resume part's dataset, first run, with the local executor (--nthreads 2
+    --omp-nthreads 1) and on a LocalCluster of 2 single-threaded worker processes."""
+    import dask
+    import distributed
+
+    templateflow, root = make_resume_inputs(out, participants)
+    rows = {}
+    local_out, dask_out = out / "dask_local_out", out / "dask_cluster_out"
+    for folder in (local_out, dask_out):
+        shutil.rmtree(folder, ignore_errors=True)
+    rows["local executor, --nthreads 2 --omp-nthreads 1"] = _mninorm(root, local_out, templateflow)
+    # The scheduler (here) and the workers unpickle the fake engine: tests/ on their paths (the
+    # workers inherit the environment)
+    os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests")))
+    sys.path.insert(0, str(ROOT / "tests"))
+    os.environ["TEMPLATEFLOW_HOME"] = str(templateflow)
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        try:
+            rows["LocalCluster, 2 workers of 1 thread"] = _mninorm(
+                root, dask_out, templateflow, "--dask-scheduler", cluster.scheduler_address
+            )
+        finally:
+            cluster.close()
+    for name, row in rows.items():
+        print(
+            f"dask, {participants} participants, {name}: {row['seconds']:.1f} s "
+            f"(process {row['process_seconds']:.1f} s; exit {row['code']})"
+        )
+    return {"participants": participants, "rows": rows}
+
+
+_GROUP_CHILD = """
+import sys, time, json, resource
+from pathlib import Path
+import nibabel as nib
+from bids_app.group.accumulate import accumulate
+from bids_app.group.collect import Grid
+workers = int(sys.argv[2])
+paths = sorted(Path(sys.argv[1]).glob("sub-*/anat/*_res-2_desc-total_logjacobian.nii.gz"))
+count = int(sys.argv[3])
+participants = [(paths[i % len(paths)],) for i in range(count)]
+first = nib.load(paths[0])
+grid = Grid(first.shape, first.affine, "bench")
+start = time.perf_counter()
+stats = accumulate(participants, grid, workers=workers)
+seconds = time.perf_counter() - start
+kib = lambda who: resource.getrusage(who).ru_maxrss
+print(json.dumps({"seconds": seconds, "participants": stats.count, "shape": list(first.shape),
+                  "peak_mb_parent": kib(resource.RUSAGE_SELF) / 1024,
+                  "peak_mb_largest_worker": kib(resource.RUSAGE_CHILDREN) / 1024}))
+"""
+
+
+def bench_group(out: Path, participants: int) -> dict:
+    """Synthetic participant outputs on MNI152NLin6Asym's 2 mm grid (benchmarks/synth_group.py),
+    then the mean and SD of the total log-Jacobian maps with 1 and 2 worker processes."""
+    # Writing a synthetic participant takes seconds here: at most 100 are written, and a larger
+    # cohort reads them again in turn (each file read and decompressed every time).
+    unique = min(participants, 100)
+    cohort = out / f"group_{unique}"
+    if not (cohort / "out" / "synthetic_truth.json").is_file():
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "synth_group.py"), "make",
+             str(cohort / "bids"), str(cohort / "out"), "--participants", str(unique),
+             "--space", "MNI152NLin6Asym:res-2"],
+            check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        print(f"{unique} synthetic participants written in {time.perf_counter() - started:.0f} s")
+    rows = {}
+    for workers in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-c", _GROUP_CHILD, str(cohort / "out"), str(workers),
+             str(participants)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        rows[f"{workers} worker(s)"] = row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(
+            f"group, {row['participants']} participants on the 2 mm grid, {workers} worker(s): "
+            f"{row['seconds']:.1f} s; peak memory {row['peak_mb_parent']:.0f} MB (parent), "
+            f"{row['peak_mb_largest_worker']:.0f} MB (largest worker)"
+        )
+    return {"participants": participants, "distinct_participants": unique, "rows": rows}
+
+
+def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
+        resume_participants: int, group_participants: int = 1000) -> int:  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "scale.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if "index" in parts:
+        results["index"] = bench_index(out, participants, requested, whole)
+    if "resume" in parts:
+        results["resume"] = bench_resume(out, resume_participants)
+    if "dask" in parts:
+        results["dask"] = bench_dask(out, resume_participants)
+    if "group" in parts:
+        results["group"] = bench_group(out, group_participants)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results in {results_path}")
+    return 0

@@ -1,0 +1,86 @@
+"""Voxel-wise mean and SD over many participants' maps, read in parallel and merged.
+
+The participants are split into contiguous blocks (in label order); one process per block (local
+processes, or tasks on a Dask cluster) streams its participants through a ``RunningStats``
+(Welford's update) and hands back that partial result; the partial results are merged with Chan's
+formula (``RunningStats.absorb``) in block order. Each process holds one partial result and one
+participant's maps at a time, and the parent at most one partial result per block, whatever the
+cohort's size. The t and F maps of ``group/maps.py`` need nothing more than per-group
+``RunningStats``, so each group can be accumulated this way.
+
+Not yet wired into ``group/maps.py`` (being changed for permutation statistics on another branch):
+``accumulate`` takes the participants' map paths and returns what its loops build.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from bids_app.errors import MninormError
+from bids_app.group.collect import Grid, read_map
+from bids_app.group.maps import RunningStats
+
+log = logging.getLogger(__name__)
+
+# One participant: the paths of their maps of one kind (several T1w: sessions, runs), averaged
+Participant = tuple[Path, ...]
+
+
+def split_blocks(participants: list[Participant], count: int) -> list[list[Participant]]:
+    """``count`` contiguous blocks of near-equal size (fewer when there are fewer participants)."""
+    count = max(1, min(count, len(participants)))
+    edges = np.linspace(0, len(participants), count + 1).round().astype(int)
+    return [participants[start:end] for start, end in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def participant_values(paths: Participant, grid: Grid) -> np.ndarray:
+    """The mean of one participant's maps (float64), each checked against ``grid``."""
+    total = None
+    for path in paths:
+        data, problem = read_map(path, grid)
+        if problem:
+            raise MninormError(
+                f"{problem}; run the group level again once the participant level has finished"
+            )
+        total = data.astype(np.float64) if total is None else total + data
+    total /= len(paths)
+    return total
+
+
+def block_stats(block: list[Participant], grid: Grid) -> RunningStats:
+    stats = RunningStats()
+    for paths in block:
+        stats.add(participant_values(paths, grid))
+    return stats
+
+
+def accumulate(
+    participants: list[Participant], grid: Grid, workers: int = 1, client=None
+) -> RunningStats:
+    """Count, mean and M2 of the participants' maps; ``workers`` local processes, or the Dask
+    ``client``'s cluster (one task per block, as many blocks as it has worker threads)."""
+    if client is not None:
+        workers = max(1, sum(client.nthreads().values()))
+    blocks = split_blocks(participants, workers)
+    if client is not None:
+        futures = [client.submit(block_stats, block, grid, pure=False) for block in blocks]
+        partials = (future.result() for future in futures)
+        return _merge(partials)
+    if len(blocks) == 1:
+        return block_stats(blocks[0], grid)
+    with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(block_stats, block, grid) for block in blocks]
+        return _merge(future.result() for future in futures)
+
+
+def _merge(partials) -> RunningStats:
+    """In block order, each partial result dropped once merged."""
+    total = RunningStats()
+    for partial in partials:
+        total.absorb(partial)
+    return total

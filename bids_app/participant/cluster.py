@@ -1,0 +1,166 @@
+"""The participants on a running Dask cluster (``--dask-scheduler ADDRESS``): one task each.
+
+The semantics of the local loop stay: each participant runs in a fresh process of its own (here
+spawned by the worker that took the task), a failing T1w never stops the others, outputs are
+written atomically, and the outcomes come back for the same summary and exit code.
+
+A worker that dies mid-participant: the scheduler gives the task to another worker (up to its
+``distributed.scheduler.allowed-failures``, 3 by default), which redoes the participant from the
+start; past that, the participant is reported failed. Its process notices that the worker is gone
+and stops, so it never writes next to the retry. What it wrote is either complete files (atomic
+writes) or a run record without an end time, which resume redoes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from bids_app import logs, progress
+from bids_app.errors import MissingExtraError, UsageError
+from bids_app.outputs.provenance import RunInfo
+from bids_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTRA = "pip install 'mninorm[dask]'"
+_CONNECT_SECONDS = 30
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def import_distributed():
+    try:
+        import distributed
+    except ImportError as err:
+        raise MissingExtraError(
+            f"--dask-scheduler needs Dask's distributed scheduler, which is not installed: {EXTRA} "
+            "(the 'dask' extra: dask[distributed] and dask-jobqueue)"
+        ) from err
+    return distributed
+
+
+def connect(address: str):
+    """A client of the scheduler at ``address``; a clear error when there is none."""
+    distributed = import_distributed()
+    try:
+        return distributed.Client(address, timeout=_CONNECT_SECONDS)
+    except (OSError, TimeoutError) as err:
+        raise UsageError(
+            f"no Dask scheduler answered at {address} within {_CONNECT_SECONDS} s ({err}): start "
+            "one (`dask scheduler`, or a dask-jobqueue cluster; see docs/scale.md) and give its "
+            "address, e.g. tcp://10.0.0.5:8786"
+        ) from err
+
+
+def run_on_cluster(
+    by_subject: dict, settings: Settings, templates, run: RunInfo, verbosity: logs.Verbosity
+) -> list:
+    """Every participant as one task on the cluster; their outcomes, in the participants' order.
+
+    The work folder is ``settings.work_dir`` (it must then be on a filesystem the workers share)
+    or a temporary folder on the worker, removed after its participant.
+    """
+    distributed = import_distributed()
+    client = connect(settings.dask_scheduler)
+    try:
+        futures = {
+            client.submit(
+                participant_task, subject, t1ws, settings, templates, run, verbosity,
+                key=f"mninorm-sub-{subject}-{run.run_uuid}", pure=False,
+            ): subject
+            for subject, t1ws in by_subject.items()
+        }  # fmt: skip
+        outcomes = {}
+        for future in distributed.as_completed(futures):
+            subject = futures[future]
+            outcomes[subject] = _outcomes_of(future, subject, by_subject[subject])
+    finally:
+        client.close()
+    return [outcome for subject in by_subject for outcome in outcomes[subject]]
+
+
+def _outcomes_of(future, subject: str, t1ws) -> list:
+    from bids_app.participant.pipeline import _failure
+
+    try:
+        outcomes = future.result()
+    except Exception as err:  # KilledWorker (its workers died too often) or the task's own error
+        message = f"its Dask task failed ({type(err).__name__}: {err})"
+        outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+    ok = sum(outcome.ok for outcome in outcomes)
+    seconds = sum(outcome.seconds for outcome in outcomes)
+    event = progress.ParticipantEnded(subject, ok, len(outcomes) - ok, seconds)
+    progress.announce(log, event, "sub-%s: %d T1w ok, %d failed", subject, ok, event.failed)
+    return outcomes
+
+
+# ---- on the worker ----------------------------------------------------------------------------
+
+
+def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list:
+    """One participant, in a fresh process spawned by this worker (as the local loop does)."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        raise UsageError(
+            "this Dask worker is a daemonic process, which may not start the participant's own "
+            "process: start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False in their "
+            "environment (see docs/scale.md)"
+        )
+    from bids_app.participant.pipeline import _failure, run_participant
+
+    spawn = get_context("spawn")
+    child = (_start_child, (settings.omp_nthreads, verbosity, os.getpid()))
+    with _work_folder(settings.work_dir) as work_dir, ProcessPoolExecutor(1, spawn, *child) as pool:
+        try:
+            return pool.submit(
+                run_participant, subject, t1ws, settings, templates, work_dir, run, verbosity
+            ).result()
+        except Exception as err:  # the process died (memory, segfault): report, go on
+            message = f"the participant's process died ({type(err).__name__}: {err})"
+            return [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+
+
+class _work_folder:
+    def __init__(self, path: Path | None):
+        self._path, self._tmp = path, None
+
+    def __enter__(self) -> Path:
+        if self._path is not None:
+            self._path.mkdir(parents=True, exist_ok=True)
+            return self._path
+        self._tmp = tempfile.TemporaryDirectory(prefix="mninorm-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _start_child(threads: int, verbosity: logs.Verbosity, worker_pid: int) -> None:
+    """A participant's process on a worker: thread counts before ITK is imported, messages to the
+    T1w log files only (the worker has no console), and an end when the worker dies."""
+    from bids_app.cli import THREAD_VARIABLES
+
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    root = logging.getLogger()
+    root.handlers[:] = []
+    root.setLevel(verbosity.record_level)
+    logs.quiet_libraries(verbosity)
+    logging.captureWarnings(True)
+    threading.Thread(target=_end_with, args=(worker_pid,), daemon=True).start()
+
+
+def _end_with(worker_pid: int) -> None:
+    # A killed worker does not take its children with it: stop, rather than write next to the
+    # retry on another worker.
+    while os.getppid() == worker_pid:
+        time.sleep(_PARENT_CHECK_SECONDS)
+    os._exit(70)

@@ -1,0 +1,124 @@
+"""--dask-scheduler (bids_app/participant/cluster.py): participants on a Dask LocalCluster of
+processes give the local executor's outputs, and a worker killed mid-participant loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import E2E_SPACE, dataset_engines, logging_restored
+
+from bids_app.cli import main
+from bids_app.errors import ExitCode
+
+
+def _argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        str(root), str(out), "participant", "--output-spaces", E2E_SPACE, f"{E2E_SPACE}:res-2",
+        "--preset", "fast", "--nthreads", "2", "--skip-bids-validation", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded workers, each in its own (non-daemonic) process."""
+    dask = pytest.importorskip("dask")
+    distributed = pytest.importorskip("distributed")
+    # For the nannies' first workers and for the ones they start again after a kill
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        yield cluster
+        cluster.close()
+
+
+def test_without_the_extra_the_option_names_it(dataset, tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    with logging_restored():
+        code = main(_argv(dataset[0], tmp_path, "--dask-scheduler", "tcp://127.0.0.1:1"))
+    assert code == ExitCode.USAGE
+    assert "pip install 'mninorm[dask]'" in capfd.readouterr().err
+
+
+def _images(out: Path) -> dict:
+    return {
+        p.relative_to(out).as_posix(): np.asarray(nib.load(p).dataobj)
+        for p in sorted(out.rglob("*.nii.gz"))
+    }
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_a_local_cluster_gives_the_local_executors_outputs(run, cluster, tmp_path):
+    """The same command as the session's ``run`` (local executor), on the cluster instead."""
+    out = tmp_path / "out"
+    with logging_restored():
+        code = main(
+            _argv(run["root"], out, "--dask-scheduler", cluster.scheduler_address),
+            engines=dataset_engines(),
+        )
+    assert code == run["code"] == ExitCode.PARTICIPANT_FAILED  # sub-03's 4D T1w, both ways
+    assert _files(out) == _files(run["out"])
+    local, remote = _images(run["out"]), _images(out)
+    assert local.keys() == remote.keys()
+    for name, image in local.items():
+        np.testing.assert_array_equal(remote[name], image, err_msg=name)
+    failed = json.loads((out / "sub-03/log/sub-03_desc-mninorm_run.json").read_text())
+    assert failed["Status"] == "failed" and failed["EndTime"]
+
+
+def _busy_worker(client, timeout: float = 120.0) -> str:
+    """The address of a worker running a participant's task (once its process has started)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for address, keys in client.processing().items():
+            if any(str(key).startswith("mninorm-sub-") for key in keys):
+                return address
+        time.sleep(0.2)
+    raise AssertionError("no participant's task started on the cluster")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_participant_loses_nothing(dataset, cluster, tmp_path):
+    """SIGKILL a worker while it runs a participant: the task is redone on a worker (the nanny
+    restarts the dead one), every participant ends complete, and no temporary file is left."""
+    distributed = pytest.importorskip("distributed")
+    root = dataset[0]
+    out = tmp_path / "out"
+    result = {}
+
+    def mninorm():
+        with logging_restored():
+            result["code"] = main(
+                _argv(root, out, "--participant-label", "01", "02", "--dask-scheduler",
+                      cluster.scheduler_address),
+                engines=dataset_engines(),
+            )  # fmt: skip
+
+    command = threading.Thread(target=mninorm)
+    command.start()
+    with distributed.Client(cluster.scheduler_address) as client:
+        victim = _busy_worker(client)
+        time.sleep(5)  # its participant's own process is working by now
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+    command.join(timeout=900)
+    assert not command.is_alive()
+    assert result["code"] == ExitCode.OK
+    for record in out.glob("sub-*/log/*_desc-mninorm_run.json"):
+        content = json.loads(record.read_text())
+        assert content["Status"] == "ok" and content["EndTime"], record
+    assert len(list(out.glob("sub-*/log/*_desc-mninorm_run.json"))) == 3
+    assert not [p for p in out.rglob(".*") if ".part" in p.name]
