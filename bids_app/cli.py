@@ -29,6 +29,7 @@ from bids_app.settings import (
     SKULL_STRIP_MODES,
     Settings,
     check_folders,
+    set_thread_environment,
 )
 from bids_app.spaces import DEFAULT_SPACE, parse_output_spaces
 
@@ -36,12 +37,6 @@ log = logging.getLogger("bids_app")
 
 # What Ctrl-C or SIGTERM ends the participant level with (exit code 130)
 INTERRUPTED = "interrupted: the participants not finished have no complete outputs; run again"
-THREAD_VARIABLES = (
-    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-)
 
 
 class UsageExitParser(argparse.ArgumentParser):
@@ -311,7 +306,7 @@ def _run(
     args: argparse.Namespace, run: RunInfo, verbosity: Verbosity, engines: EngineFactory
 ) -> int:
     settings = settings_from_args(args, engines)
-    _set_thread_environment(settings.omp_nthreads)
+    set_thread_environment(settings.omp_nthreads)
     if settings.analysis_level == "group":
         return run_group(settings, model_spec_from_args(args, settings))
     if settings.reports_only:
@@ -344,9 +339,9 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     from bids_app.participant.pipeline import (
         SKIPPED,
         T1wOutcome,
-        _write_report,
         resolve_templates,
         run_participants,
+        write_report,
     )
     from bids_app.participant.resume import split_done
 
@@ -379,10 +374,12 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     outcomes = [T1wOutcome(t1w.relpath, t1w.subject, True, SKIPPED) for t1w, _ in skipped]
     for subject in {t1w.subject for t1w, _ in skipped} - set(todo):
         if not derivatives.report_path(settings.output_dir, subject).is_file():
-            _write_report(subject, settings)  # nothing changed, but its report is missing
+            write_report(subject, settings)  # nothing changed, but its report is missing
     if todo:
         with _work_dir(settings.work_dir) as work_dir:
-            outcomes += run_participants(todo, settings, templates, work_dir, run, verbosity)
+            outcomes += run_participants(
+                todo, settings, templates, work_dir, run, verbosity, _remote_executor(settings)
+            )
     failed = [o for o in outcomes if not o.ok]
     for outcome in outcomes:
         if outcome.ok:
@@ -393,6 +390,15 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     if failed or selection.subjects_without_t1w:
         return int(ExitCode.PARTICIPANT_FAILED)
     return int(ExitCode.OK)
+
+
+def _remote_executor(settings: Settings):
+    """``--dask-scheduler``: the participants go to that cluster instead of local processes."""
+    if not settings.dask_scheduler:
+        return None
+    from bids_app.participant.cluster import run_on_cluster
+
+    return run_on_cluster
 
 
 def run_reports_only(settings: Settings) -> int:
@@ -459,12 +465,6 @@ class _work_dir:
     def __exit__(self, *exc):
         if self._tmp is not None:
             self._tmp.cleanup()
-
-
-def _set_thread_environment(threads: int) -> None:
-    # Before ants is imported (here or in the participants' processes): ITK reads it at import.
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(threads)
 
 
 @contextmanager

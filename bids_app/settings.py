@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,22 @@ SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
 # cerebellum); when it is absent and not asked for, the first output template's head is used.
 DEFAULT_BRAIN_TEMPLATE = "OASIS30ANTs"
+
+
+# ITK (so ANTs and Greedy) and the BLAS/OpenMP libraries read their thread counts from these
+THREAD_VARIABLES = (
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
+
+
+def set_thread_environment(threads: int) -> None:
+    """Once, before ``ants`` is imported (here or in the participants' processes): ITK reads its
+    thread count at import."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
 
 
 @dataclass(frozen=True)

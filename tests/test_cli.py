@@ -484,16 +484,16 @@ def test_group_and_report_options_are_in_the_settings(
 # was imported by then. The run then stops at the empty input folder.
 _THREADS_WATCHED = """
 import json, os, sys
-from bids_app import cli
+from bids_app import cli, settings
 
 calls = []
-set_threads = cli._set_thread_environment
+set_threads = cli.set_thread_environment
 def watched(threads):
     calls.append({"threads": threads, "ants_imported": "ants" in sys.modules})
     set_threads(threads)
-cli._set_thread_environment = watched
+cli.set_thread_environment = watched
 code = cli.main(sys.argv[1:])
-variables = {name: os.environ.get(name) for name in cli.THREAD_VARIABLES}
+variables = {name: os.environ.get(name) for name in settings.THREAD_VARIABLES}
 print(json.dumps({"code": code, "calls": calls, "variables": variables}))
 """
 

@@ -139,7 +139,7 @@ def test_a_report_failure_never_fails_the_participant(monkeypatch, caplog, tmp_p
     monkeypatch.setattr(report, "write_participant_report", broken)
     settings = Settings(bids_dir=tmp_path, output_dir=tmp_path, analysis_level="participant")
     with caplog.at_level(logging.WARNING):
-        pipeline._write_report("01", settings)
+        pipeline.write_report("01", settings)
     assert "sub-01: QC and report not written (RuntimeError: disk on fire)" in caplog.text
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from bids_app import logs, progress
 from bids_app.errors import MissingExtraError, UsageError
 from bids_app.outputs.provenance import RunInfo
-from bids_app.settings import Settings
+from bids_app.settings import Settings, set_thread_environment
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ def run_on_cluster(
 
 
 def _outcomes_of(future, subject: str, t1ws) -> list:
-    from bids_app.participant.pipeline import _failure
+    from bids_app.participant.pipeline import failed_outcome
 
     try:
         outcomes = future.result()
     except Exception as err:  # KilledWorker (its workers died too often) or the task's own error
         message = f"its Dask task failed ({type(err).__name__}: {err})"
-        outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+        outcomes = [failed_outcome(t1w, message, time.perf_counter()) for t1w in t1ws]
     ok = sum(outcome.ok for outcome in outcomes)
     seconds = sum(outcome.seconds for outcome in outcomes)
     event = progress.ParticipantEnded(subject, ok, len(outcomes) - ok, seconds)
@@ -113,7 +113,7 @@ def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list
             "process: start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False in their "
             "environment (see docs/scale.md)"
         )
-    from bids_app.participant.pipeline import _failure, run_participant
+    from bids_app.participant.pipeline import failed_outcome, run_participant
 
     spawn = get_context("spawn")
     child = (_start_child, (settings.omp_nthreads, verbosity, os.getpid()))
@@ -124,7 +124,7 @@ def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list
             ).result()
         except Exception as err:  # the process died (memory, segfault): report, go on
             message = f"the participant's process died ({type(err).__name__}: {err})"
-            return [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+            return [failed_outcome(t1w, message, time.perf_counter()) for t1w in t1ws]
 
 
 class _work_folder:
@@ -146,10 +146,7 @@ class _work_folder:
 def _start_child(threads: int, verbosity: logs.Verbosity, worker_pid: int) -> None:
     """A participant's process on a worker: thread counts before ITK is imported, messages to the
     T1w log files only (the worker has no console), and an end when the worker dies."""
-    from bids_app.cli import THREAD_VARIABLES
-
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(threads)
+    set_thread_environment(threads)
     root = logging.getLogger()
     root.handlers[:] = []
     root.setLevel(verbosity.record_level)

@@ -650,7 +650,7 @@ def run_participant(
         log_path = drv.t1w_log_path(settings.output_dir, t1w)
         with logs.t1w_log(log_path, drv.source_prefix(t1w), verbosity):
             outcomes.append(_run_t1w(t1w, settings, templates, work_dir, run, refusal))
-    _write_report(subject, settings)
+    write_report(subject, settings)
     ok = sum(outcome.ok for outcome in outcomes)
     event = progress.ParticipantEnded(subject, ok, len(outcomes) - ok, time.perf_counter() - start)
     progress.announce(log, event, "sub-%s: %d T1w ok, %d failed", subject, ok, event.failed)
@@ -678,10 +678,10 @@ def _run_t1w(
             raise MemoryBudgetError(refusal)
         outcome = process_t1w(t1w, settings, templates, work_dir, learnt)
     except MninormError as err:
-        outcome = _failure(t1w, str(err), start)
+        outcome = failed_outcome(t1w, str(err), start)
     except OSError as err:  # a full disk, a folder made read-only: the writes are atomic
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
-        outcome = _failure(
+        outcome = failed_outcome(
             t1w,
             f"{type(err).__name__}: {err}; make room or fix the permissions, then run this "
             "participant again (no output was left half-written)",
@@ -690,7 +690,7 @@ def _run_t1w(
     except Exception as err:  # anything else: still isolate it, and keep the traceback
         # INFO: the T1w's log file keeps it; the console shows it with -v.
         log.info("sub-%s: %s", t1w.subject, traceback.format_exc())
-        outcome = _failure(t1w, f"unexpected {type(err).__name__}: {err}", start)
+        outcome = failed_outcome(t1w, f"unexpected {type(err).__name__}: {err}", start)
     _write_run_record(settings, t1w, outcome, learnt, run, started, resume_fields)
     progress.announce(
         log, progress.T1wEnded(t1w.subject, prefix, outcome.ok, outcome.seconds),
@@ -707,7 +707,7 @@ def _resume_fields(t1w: T1wInput, settings: Settings) -> dict | None:
         return None
 
 
-def _write_report(subject: str, settings: Settings) -> None:
+def write_report(subject: str, settings: Settings) -> None:
     """QC, figures and the HTML report, from what is on disk; their failure never fails a T1w."""
     try:
         from bids_app.reports.participant import write_participant_report
@@ -782,17 +782,18 @@ def _write_run_record(
         log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
 
 
-def _failure(t1w: T1wInput, message: str, start: float) -> T1wOutcome:
+def failed_outcome(t1w: T1wInput, message: str, start: float) -> T1wOutcome:
     log.error("sub-%s: %s failed: %s", t1w.subject, t1w.relpath, message)
     return T1wOutcome(t1w.relpath, t1w.subject, False, message, (), time.perf_counter() - start)
 
 
 def run_participants(
     by_subject: dict, settings: Settings, templates, work_dir: Path, run: RunInfo,
-    verbosity: logs.Verbosity,
+    verbosity: logs.Verbosity, remote=None,
 ) -> list[T1wOutcome]:  # fmt: skip
     """All participants, ``settings.parallel_participants`` at a time, each in its own process
-    (with ``settings.in_process``, one after the other in this one).
+    (with ``settings.in_process``, one after the other in this one); or, given ``remote`` (the
+    command passes ``cluster.run_on_cluster`` for ``--dask-scheduler``), all sent to it at once.
 
     With ``settings.mem_mb``, a participant starts only while the memory estimates of those
     running and its own fit in it (``memory``), and one that alone needs more is not started: it
@@ -806,7 +807,7 @@ def run_participants(
         log.info("%s", plan.describe())
         refusals = {subject: plan.refusal(subject) for subject in plan.too_large}
     parallel = 1 if settings.in_process else settings.parallel_participants
-    if settings.dask_scheduler:
+    if remote is not None:
         parallel = len(by_subject)  # the cluster's workers decide; all are sent at once
     start = progress.RunStarted(
         tuple(by_subject), tuple(len(t1ws) for t1ws in by_subject.values()), settings.templates,
@@ -814,10 +815,8 @@ def run_participants(
     )  # fmt: skip
     progress.announce(log, start, "%d participant(s), %d at a time", len(by_subject), parallel)
     try:
-        if settings.dask_scheduler:
-            from bids_app.participant.cluster import run_on_cluster
-
-            return run_on_cluster(by_subject, settings, templates, run, verbosity)
+        if remote is not None:
+            return remote(by_subject, settings, templates, run, verbosity)
         outcomes = {}
         for subject, reason in refusals.items():  # in this process, before any child starts
             outcomes[subject] = run_participant(
@@ -893,7 +892,8 @@ def _run_within_budget(reservation, stop: threading.Event, subject, t1ws, *args)
     with reservation:
         if stop.is_set():
             start = time.perf_counter()
-            return [_failure(t1w, "not started: the run was interrupted", start) for t1w in t1ws]
+            message = "not started: the run was interrupted"
+            return [failed_outcome(t1w, message, start) for t1w in t1ws]
         return _run_in_child(subject, t1ws, *args)
 
 
@@ -928,7 +928,7 @@ def _run_in_child(
             # A process killed while writing leaves the temporary file of that write behind.
             for path in drv.remove_partial_files(settings.output_dir / f"sub-{subject}"):
                 log.info("sub-%s: removed %s, left half-written by the process", subject, path)
-            outcomes = [_failure(t1w, message, time.perf_counter()) for t1w in t1ws]
+            outcomes = [failed_outcome(t1w, message, time.perf_counter()) for t1w in t1ws]
             event = progress.ParticipantEnded(subject, 0, len(t1ws), 0.0)
             progress.announce(log, event, "sub-%s: the participant's process died", subject)
             return outcomes

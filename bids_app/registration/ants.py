@@ -191,7 +191,7 @@ class AntsEngine:
 
     def __init__(self, threads: int = 1):
         # ANTsPy takes no thread count per call: ITK reads it from the environment when ``ants``
-        # is first imported, and the command sets that once, before (cli._set_thread_environment).
+        # is first imported, and the command sets that once before (set_thread_environment).
         self.threads = threads
 
     def register(
