@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-compare", action="store_true",
         help="group part: --group-by group --n-permutations 0 (t maps and the model stage)",
     )
+    scale.add_argument(
+        "--group-distinct", type=int, default=100,
+        help="group part: distinct synthetic participants written, the rest hard links (100)",
+    )
     return parser
 
 
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_scale(
             args.out, args.parts, args.participants, args.requested, args.whole,
             args.resume_participants, args.group_participants, args.group_resolution,
-            args.group_workers, args.group_compare,
+            args.group_workers, args.group_compare, args.group_distinct,
         )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows

@@ -12,11 +12,11 @@ finished run, on this machine, each measured in a fresh process.
   T1w must be skipped: its run record's identifier unchanged), with another preset (every T1w
   redone), with one input changed (that one redone).
 - ``group``: ``--group-participants`` synthetic participants' outputs on the
-  ``--group-resolution`` mm grid (``benchmarks/synth_group.py``; at most 100 distinct ones, the
-  rest hard links to them under new labels), and the real group level run on them end to end
-  (``mninorm ... group``; with ``--group-compare``, ``--group-by group --n-permutations 0``) with
-  each ``--group-workers`` count as ``--nthreads`` (wall time, CPU time, peak memory of the
-  process tree).
+  ``--group-resolution`` mm grid (``benchmarks/synth_group.py``; at most ``--group-distinct``
+  distinct ones, the rest hard links to them under new labels), and the real group level run
+  on them end to end (``mninorm ... group``; with ``--group-compare``, ``--group-by group
+  --n-permutations 0``) with each ``--group-workers`` count as ``--nthreads`` (wall time, CPU
+  time, peak memory of the process tree).
 - ``dask``: the same participants' first run with the local executor (``--nthreads 2
   --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
 
@@ -295,12 +295,14 @@ def bench_dask(out: Path, participants: int) -> dict:
     return {"participants": participants, "rows": rows}
 
 
-def make_group_inputs(out: Path, participants: int, resolution: int = 2) -> tuple[Path, Path]:
+def make_group_inputs(
+    out: Path, participants: int, resolution: int = 2, distinct: int = 100
+) -> tuple[Path, Path]:
     """(bids folder, output folder) of ``participants`` synthetic participant outputs on the
-    ``resolution`` mm grid: at most 100 distinct ones written by benchmarks/synth_group.py (that
+    ``resolution`` mm grid: at most ``distinct`` ones written by benchmarks/synth_group.py (that
     takes seconds each), the rest their files hard-linked under new labels (the run record and
     QC table rewritten with the label): every participant is read and decompressed in full."""
-    unique = min(participants, 100)
+    unique = min(participants, distinct)
     source = out / f"group_res-{resolution}_distinct-{unique}"
     if not (source / "out" / "synthetic_truth.json").is_file():
         started = time.perf_counter()
@@ -344,7 +346,8 @@ def _link_participant(source_out: Path, old: str, results: Path, new: str) -> No
 
 
 def bench_group(out: Path, participants: int, resolution: int = 2,
-                workers: tuple[int, ...] = (1, 2), compare: bool = False) -> dict:  # fmt: skip
+                workers: tuple[int, ...] = (1, 2), compare: bool = False,
+                distinct: int = 100) -> dict:  # fmt: skip
     """The real group level (``mninorm BIDS OUT group``: the mean/SD maps, the table and the
     report; with ``compare``, ``--group-by group --n-permutations 0`` adds the parametric t maps
     and the model stage, which loads every participant's maps) on synthetic participant outputs
@@ -352,7 +355,7 @@ def bench_group(out: Path, participants: int, resolution: int = 2,
     time and peak memory of the whole process tree (benchmarks/measure.py)."""
     from benchmarks.measure import run_measured
 
-    bids, results = make_group_inputs(out, participants, resolution)
+    bids, results = make_group_inputs(out, participants, resolution, distinct)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.setdefault("TEMPLATEFLOW_HOME", str(ROOT.parent / "shared" / "data" / "templateflow"))
     rows = {}
@@ -378,12 +381,13 @@ def bench_group(out: Path, participants: int, resolution: int = 2,
             f"the process tree {row['peak_mb_process_tree']:.0f} MB; exit {row['code']}"
         )
     return {"participants": participants, "resolution_mm": resolution, "group_by": compare,
-            "distinct_participants": min(participants, 100), "rows": rows}  # fmt: skip
+            "distinct_participants": min(participants, distinct), "rows": rows}  # fmt: skip
 
 
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
         resume_participants: int, group_participants: int = 1000, group_resolution: int = 2,
-        group_workers: tuple[int, ...] = (1, 2), group_compare: bool = False) -> int:  # fmt: skip
+        group_workers: tuple[int, ...] = (1, 2), group_compare: bool = False,
+        group_distinct: int = 100) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -398,7 +402,8 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
             "_group-by" if group_compare else ""
         )
         results[key] = bench_group(
-            out, group_participants, group_resolution, group_workers, group_compare
+            out, group_participants, group_resolution, group_workers, group_compare,
+            group_distinct,
         )
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {results_path}")

@@ -72,13 +72,20 @@ def accumulate(
     blocks = split_blocks(participants, workers)
     if client is not None:
         futures = [client.submit(block_stats, block, grid, pure=False) for block in blocks]
-        partials = (future.result() for future in futures)
-        return _merge(partials)
+        return _merge(_results(futures))
     if len(blocks) == 1:
         return block_stats(blocks[0], grid)
     with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(block_stats, block, grid) for block in blocks]
-        return _merge(future.result() for future in futures)
+        return _merge(_results(futures))
+
+
+def _results(futures: list):
+    """Each future's result in order, the future dropped first: a merged partial result is not
+    kept alive by its future."""
+    futures.reverse()
+    while futures:
+        yield futures.pop().result()
 
 
 def _merge(partials) -> RunningStats:
@@ -113,12 +120,12 @@ def accumulate_keyed(items: list, step: Step, workers: int = 1, client=None) -> 
     blocks = split_blocks(items, workers)
     if client is not None:
         futures = [client.submit(keyed_block_stats, block, step, pure=False) for block in blocks]
-        return _merge_keyed(future.result() for future in futures)
+        return _merge_keyed(_results(futures))
     if len(blocks) <= 1:
         return keyed_block_stats(blocks[0] if blocks else [], step)
     with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(keyed_block_stats, block, step) for block in blocks]
-        return _merge_keyed(future.result() for future in futures)
+        return _merge_keyed(_results(futures))
 
 
 def _merge_keyed(partials) -> dict:
