@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tfce-permutations", type=int, default=100,
         help="TFCE permutations of the sensitivity and target studies (100)",
     )  # fmt: skip
+    stats.add_argument(
+        "--tfce-timing-permutations", type=int, default=1000,
+        help="timing study: TFCE permutations timed, scaled to --n-permutations (1000)",
+    )  # fmt: skip
     stats.add_argument("--jobs", type=int, default=2, help="permutation processes (2)")
     stats.add_argument("--seed", type=int, default=0)
     stats.add_argument("-v", "--verbose", action="store_true")
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             null_cohorts=args.null_cohorts, null_permutations=args.null_permutations,
             null_step=args.null_step, null_shard=_shard(args.null_shard),
             n_permutations=args.n_permutations,
+            tfce_timing_permutations=args.tfce_timing_permutations,
             sensitivity_tfce_permutations=args.tfce_permutations, jobs=args.jobs, seed=args.seed,
         )  # fmt: skip
         return run_stats(settings, ["python", "-m", "benchmarks", *(argv or sys.argv[1:])])

@@ -5,7 +5,8 @@ Cohorts are made as ``benchmarks/synth_group.py`` makes them (white Gaussian noi
 at (-30, -10, 5) mm for group A, the first half), but in memory and on the brain mask of
 MNI152NLin6Asym res-2 (2 mm) or a coarser grid taken from it (every 2nd or 3rd voxel: 4 or 6 mm).
 They go through the group level's own arithmetic (``bids_app/group/inference.py``: masked
-smoothing, the GLM, nilearn's ``permuted_ols``), so the figures are the command's.
+smoothing, the GLM; the permutations and TFCE of ``bids_app/group/tfce.py``), so the figures are
+the command's.
 
 Studies (``--studies``, comma-separated):
 
@@ -14,8 +15,9 @@ Studies (``--studies``, comma-separated):
 - ``null``: ``--null-cohorts`` cohorts without an effect; the family-wise false-positive rate (a
   cohort with any voxel at FWE p < 0.05) with its exact (Clopper-Pearson) 95% interval.
 - ``target``: the sensitivity study on the 2 mm grid at the default smoothing and effect 0.1.
-- ``timing``: ``--n-permutations`` permutations of 50 participants on the 2 mm grid, voxel-wise;
-  TFCE timed over ``--tfce-timing-permutations`` and scaled to ``--n-permutations``.
+- ``timing``: ``--n-permutations`` permutations of 50 participants on the 2 mm grid, voxel-wise
+  only, then voxel-wise + TFCE (the default) over ``--tfce-timing-permutations`` (1000), scaled
+  to ``--n-permutations`` when fewer.
 
     python -m benchmarks stats --out bench_stats/
 """
@@ -59,7 +61,7 @@ class StatsSettings:
     null_shard: tuple[int, int] = (0, 1)  # (K, N): the cohorts i with i % N == K
     timing_participants: int = 50
     n_permutations: int = 1000
-    tfce_timing_permutations: int = 20
+    tfce_timing_permutations: int = 1000  # fewer: timed and scaled to n_permutations
     jobs: int = 2
     seed: int = 0
 
@@ -224,6 +226,12 @@ def timing(settings: StatsSettings) -> list[dict]:
             "inference": "voxel-wise + TFCE" if tfce else "voxel-wise", "jobs": settings.jobs,
             "permutations_timed": n_perm, "seconds_timed": round(result.seconds, 1),
             f"seconds_for_{settings.n_permutations}": round(scaled, 1),
+            # processor time of the permutations over the processes: on a machine shared with
+            # other jobs, cpu / jobs is the wall time the same run takes on free cores
+            "cpu_seconds_timed": round(result.cpu_seconds, 1),
+            f"free_core_seconds_for_{settings.n_permutations}": round(
+                result.cpu_seconds / settings.jobs * settings.n_permutations / n_perm, 1),
+            "load_average": round(os.getloadavg()[0], 1),
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         })  # fmt: skip
         log.info("timing %s", rows[-1])

@@ -199,10 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "installed; seeded by --random-seed; 0: parametric maps only)",
     )  # fmt: skip
     group.add_argument(
-        "--tfce", action="store_true",
-        help="group level: also threshold-free cluster enhancement with FWE correction (about "
-        "3 s per permutation on a 2 mm grid with 2 cores: use fewer permutations or a coarser "
-        "grid for a quick look)",
+        "--no-tfce", action="store_true",
+        help="group level: voxel-wise FWE correction only, without threshold-free cluster "
+        "enhancement (TFCE is on by default whenever there are permutations)",
     )  # fmt: skip
     group.add_argument(
         "--atlas", metavar="FILE[:LABELS]",
@@ -414,11 +413,10 @@ def model_spec_from_args(args: argparse.Namespace, settings: Settings):
                         "group statistics are parametric and uncorrected; pip install "
                         "'mninorm[stats]' for FWE-corrected maps")  # fmt: skip
             permutations = 0
-    if args.tfce and permutations == 0:
-        raise UsageError("--tfce needs permutations: give --n-permutations N (N > 0)")
     return ModelSpec(
         covariates=tuple(args.covariates), smoothing_fwhm=args.smoothing_fwhm,
-        n_permutations=permutations, tfce=args.tfce, seed=settings.random_seed,
+        n_permutations=permutations, tfce=not args.no_tfce and permutations > 0,
+        seed=settings.random_seed,
         atlas=args.atlas, n_jobs=settings.nthreads,
     )  # fmt: skip
 

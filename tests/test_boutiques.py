@@ -267,7 +267,7 @@ def test_a_full_invocation_renders_the_command_line_it_means(bosh, parser, tmp_p
         "covariates": ["age", "sex"],
         "smoothing_fwhm": 8.0,
         "n_permutations": 500,
-        "tfce": True,
+        "no_tfce": True,
         "atlas": "atlas.nii.gz:labels.tsv",
         "verbose": True,
         "quiet": False,

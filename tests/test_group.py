@@ -758,11 +758,13 @@ def test_group_level_on_real_ds002748_participants(shared_data, tmp_path):
         "--skip-bids-validation", "--nthreads", "2", "--omp-nthreads", "1",
     )  # fmt: skip
     assert participant.returncode == 0, participant.stderr[-3000:]
-    one_level = mninorm("group", "--group-by", "group")
+    # The model's permutations are tests/test_group_stats.py's and test_tfce.py's: here the
+    # parametric maps on real outputs (1,000 TFCE permutations on the 1 mm grid take tens of minutes)
+    one_level = mninorm("group", "--group-by", "group", "--n-permutations", "0")
     assert one_level.returncode == ExitCode.GROUP_BY_UNUSABLE, one_level.stderr[-3000:]
     assert "only 1 level" in one_level.stderr and "'depr': 4" in one_level.stderr
     assert "Traceback" not in one_level.stderr
-    by_gender = mninorm("group", "--group-by", "gender")
+    by_gender = mninorm("group", "--group-by", "gender", "--n-permutations", "0")
     assert by_gender.returncode == 0, by_gender.stderr[-3000:]
     label = "MNI152NLin2009cAsym"
     t_path = drv.group_space_path(out, "t", label, "total", "gender")

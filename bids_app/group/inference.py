@@ -3,8 +3,9 @@
 For each log-Jacobian (total, nonlinear): every participant's map (the mean of their T1w in the
 space) is smoothed inside the analysis mask, the general linear model of ``model.py`` is fitted
 voxel by voxel, and the tested effect is assessed three ways: parametric (uncorrected), and
-family-wise error corrected by permutations (nilearn's ``permuted_ols``: Freedman-Lane, max-type
-over the mask), voxel-wise on t and, on request, with threshold-free cluster enhancement (TFCE).
+family-wise error corrected by permutations (``tfce.py``: Freedman-Lane as nilearn's
+``permuted_ols``, max-type over the mask), voxel-wise on t and with threshold-free cluster
+enhancement (TFCE, on by default).
 
 Smoothing inside the brain: the data times the mask and the mask are smoothed alike and divided,
 so voxels near the edge are averages of brain voxels only (no dilution by the zeros outside).
@@ -25,6 +26,7 @@ from bids_app import __version__
 from bids_app.errors import MninormError
 from bids_app.group.clusters import Atlas, Cluster, find_clusters, write_clusters
 from bids_app.group.model import Model, ModelSpec
+from bids_app.group.tfce import STEP as TFCE_STEP
 from bids_app.outputs import derivatives as drv
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Permutations:
     tfce: np.ndarray | None = None
     logp_tfce_fwe: np.ndarray | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # summed over the processes
 
 
 @dataclass(frozen=True)
@@ -126,27 +129,19 @@ def fit_glm(data: np.ndarray, matrix: np.ndarray, tested: tuple[int, ...]) -> Fi
 def permute(
     data: np.ndarray, matrix: np.ndarray, column: int, mask: np.ndarray, affine, spec: ModelSpec
 ) -> Permutations:
-    """Permutation FWE p values of one tested column (nilearn ``permuted_ols``, two-sided)."""
-    import nibabel as nib
+    """Permutation FWE p values of one tested column (two-sided; ``tfce.permutation_test``:
+    Freedman-Lane, max-statistic, TFCE on the mask's bounding box when ``spec.tfce``)."""
+    from bids_app.group.tfce import permutation_test
 
-    permuted_ols, NiftiMasker = require_nilearn()
-
-    others = [i for i in range(matrix.shape[1]) if i != column and np.ptp(matrix[:, i]) > 0]
-    masker = None
-    if spec.tfce:  # TFCE needs the 3D layout: the masker maps the vectors back to the grid
-        cropped, cropped_affine = crop_to_mask(mask, affine)  # fewer voxels for every TFCE pass
-        masker = NiftiMasker(nib.Nifti1Image(cropped.astype(np.uint8), cropped_affine)).fit()
+    require_nilearn()  # the 'stats' extra (joblib for the processes comes with it)
+    box = crop_to_mask(mask, affine)[0] if spec.tfce else None  # fewer voxels to label
     started = time.monotonic()
-    out = permuted_ols(
-        matrix[:, [column]], np.ascontiguousarray(data, dtype=np.float64),
-        confounding_vars=matrix[:, others] if others else None, model_intercept=True,
-        n_perm=spec.n_permutations, two_sided_test=True, random_state=spec.seed,
-        n_jobs=spec.n_jobs, verbose=0, masker=masker, tfce=spec.tfce, output_type="dict",
-    )  # fmt: skip
+    null = permutation_test(data, matrix, column, spec.n_permutations, spec.seed, mask=box,
+                            n_jobs=spec.n_jobs)  # fmt: skip
     seconds = time.monotonic() - started
-    if spec.tfce:
-        return Permutations(out["logp_max_t"][0], out["tfce"][0], out["logp_max_tfce"][0], seconds)
-    return Permutations(out["logp_max_t"][0], seconds=seconds)
+    return Permutations(
+        null.logp_fwe(), null.tfce, null.logp_tfce_fwe(), seconds, null.cpu_seconds
+    )
 
 
 def crop_to_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -273,8 +268,8 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
             write(
                 "model_tfce",
                 permutations.tfce,
-                f"Threshold-free cluster enhancement (E 0.5, "
-                f"H 2, 6-connectivity, nilearn's) of the t map of {what}.",
+                "Threshold-free cluster enhancement (E 0.5, H 2, height step "
+                f"{TFCE_STEP:g}, 6-connectivity) of the t map of {what}.",
                 Statistic="TFCE",
             )
             write(
@@ -364,9 +359,11 @@ def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
         "Permutations": {
             "Count": spec.n_permutations if model.statistic == "t" else 0,
             "Seed": spec.seed,
-            "TFCE": spec.tfce and model.statistic == "t",
-            "Method": "nilearn.mass_univariate.permuted_ols (Freedman-Lane, two-sided, "
-            "max-statistic over the analysis mask)",
+            "TFCE": spec.tfce and model.statistic == "t" and spec.n_permutations > 0,
+            "Method": "Freedman-Lane (residuals of the nuisance columns permuted), two-sided, "
+            "max-statistic over the analysis mask (mninorm's bids_app/group/tfce.py)",
+            **({"TFCEParameters": {"E": 0.5, "H": 2, "HeightStep": TFCE_STEP, "Connectivity": 6}}
+               if spec.tfce and spec.n_permutations > 0 else {}),
         },  # fmt: skip
         "OnePerParticipant": "each participant's map is the mean of their included T1w "
         "(sessions, runs) in this space",

@@ -35,7 +35,7 @@ class ModelSpec:
     covariates: tuple[str, ...] = ()
     smoothing_fwhm: float = DEFAULT_SMOOTHING_FWHM  # mm
     n_permutations: int = DEFAULT_PERMUTATIONS  # 0: parametric maps only
-    tfce: bool = False  # threshold-free cluster enhancement (slow: see docs/group.md)
+    tfce: bool = True  # threshold-free cluster enhancement (besides voxel-wise max-t)
     seed: int = DEFAULT_SEED
     atlas: str | None = None  # FILE[:LABELS]
     n_jobs: int = 1  # processes for the permutations
