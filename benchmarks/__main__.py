@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument(
         "--group-participants", type=int, default=1000, help="participants of the group part"
     )
+    scale.add_argument(
+        "--group-resolution", type=int, default=2, choices=(1, 2), help="grid of the group part, mm"
+    )
+    scale.add_argument(
+        "--group-workers", type=lambda text: tuple(int(n) for n in _names(text)), default=(1, 2),
+        help="--nthreads of the group level's runs (1,2)",
+    )
+    scale.add_argument(
+        "--group-compare", action="store_true",
+        help="group part: --group-by group --n-permutations 0 (t maps and the model stage)",
+    )
+    scale.add_argument(
+        "--group-distinct", type=int, default=100,
+        help="group part: distinct synthetic participants written, the rest hard links (100)",
+    )
     return parser
 
 
@@ -179,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_scale(
             args.out, args.parts, args.participants, args.requested, args.whole,
-            args.resume_participants, args.group_participants,
+            args.resume_participants, args.group_participants, args.group_resolution,
+            args.group_workers, args.group_compare, args.group_distinct,
         )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows

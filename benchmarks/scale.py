@@ -11,10 +11,12 @@ finished run, on this machine, each measured in a fresh process.
   fake engine (``tests/fakes.py``: no registration) and then again three ways: unchanged (every
   T1w must be skipped: its run record's identifier unchanged), with another preset (every T1w
   redone), with one input changed (that one redone).
-- ``group``: ``--group-participants`` synthetic participants' outputs on the 2 mm grid
-  (``benchmarks/synth_group.py``; at most 100 distinct ones, read again in turn), their total
-  log-Jacobian maps' mean and SD accumulated by ``bids_app/group/accumulate.py`` with 1 and 2
-  worker processes (time, peak memory).
+- ``group``: ``--group-participants`` synthetic participants' outputs on the
+  ``--group-resolution`` mm grid (``benchmarks/synth_group.py``; at most ``--group-distinct``
+  distinct ones, the rest hard links to them under new labels), and the real group level run
+  on them end to end (``mninorm ... group``; with ``--group-compare``, ``--group-by group
+  --n-permutations 0``) with each ``--group-workers`` count as ``--nthreads`` (wall time, CPU
+  time, peak memory of the process tree).
 - ``dask``: the same participants' first run with the local executor (``--nthreads 2
   --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
 
@@ -293,64 +295,99 @@ def bench_dask(out: Path, participants: int) -> dict:
     return {"participants": participants, "rows": rows}
 
 
-_GROUP_CHILD = """
-import sys, time, json, resource
-from pathlib import Path
-import nibabel as nib
-from bids_app.group.accumulate import accumulate
-from bids_app.group.collect import Grid
-workers = int(sys.argv[2])
-paths = sorted(Path(sys.argv[1]).glob("sub-*/anat/*_res-2_desc-total_logjacobian.nii.gz"))
-count = int(sys.argv[3])
-participants = [(paths[i % len(paths)],) for i in range(count)]
-first = nib.load(paths[0])
-grid = Grid(first.shape, first.affine, "bench")
-start = time.perf_counter()
-stats = accumulate(participants, grid, workers=workers)
-seconds = time.perf_counter() - start
-kib = lambda who: resource.getrusage(who).ru_maxrss
-print(json.dumps({"seconds": seconds, "participants": stats.count, "shape": list(first.shape),
-                  "peak_mb_parent": kib(resource.RUSAGE_SELF) / 1024,
-                  "peak_mb_largest_worker": kib(resource.RUSAGE_CHILDREN) / 1024}))
-"""
-
-
-def bench_group(out: Path, participants: int) -> dict:
-    """Synthetic participant outputs on MNI152NLin6Asym's 2 mm grid (benchmarks/synth_group.py),
-    then the mean and SD of the total log-Jacobian maps with 1 and 2 worker processes."""
-    # Writing a synthetic participant takes seconds here: at most 100 are written, and a larger
-    # cohort reads them again in turn (each file read and decompressed every time).
-    unique = min(participants, 100)
-    cohort = out / f"group_{unique}"
-    if not (cohort / "out" / "synthetic_truth.json").is_file():
+def make_group_inputs(
+    out: Path, participants: int, resolution: int = 2, distinct: int = 100
+) -> tuple[Path, Path]:
+    """(bids folder, output folder) of ``participants`` synthetic participant outputs on the
+    ``resolution`` mm grid: at most ``distinct`` ones written by benchmarks/synth_group.py (that
+    takes seconds each), the rest their files hard-linked under new labels (the run record and
+    QC table rewritten with the label): every participant is read and decompressed in full."""
+    unique = min(participants, distinct)
+    source = out / f"group_res-{resolution}_distinct-{unique}"
+    if not (source / "out" / "synthetic_truth.json").is_file():
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "synth_group.py"), "make",
-             str(cohort / "bids"), str(cohort / "out"), "--participants", str(unique),
-             "--space", "MNI152NLin6Asym:res-2"],
+             str(source / "bids"), str(source / "out"), "--participants", str(unique),
+             "--space", f"MNI152NLin6Asym:res-{resolution}"],
             check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         print(f"{unique} synthetic participants written in {time.perf_counter() - started:.0f} s")
+    cohort = out / f"group_res-{resolution}_{participants}"
+    bids, results = cohort / "bids", cohort / "out"
+    if (bids / "participants.tsv").is_file():
+        return bids, results
+    shutil.rmtree(cohort, ignore_errors=True)
+    sources = sorted(path.name.removeprefix("sub-") for path in (source / "out").glob("sub-*"))
+    groups = ["participant_id\tgroup"]
+    for index, label in enumerate(_labels(participants)):
+        _link_participant(source / "out", sources[index % unique], results, label)
+        groups.append(f"sub-{label}\t{'AB'[index % 2]}")
+    bids.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(
+        json.dumps({"Name": "scale benchmark, group level", "BIDSVersion": "1.9.0"})
+    )
+    (bids / "participants.tsv").write_text("\n".join(groups) + "\n")
+    return bids, results
+
+
+def _link_participant(source_out: Path, old: str, results: Path, new: str) -> None:
+    for path in sorted((source_out / f"sub-{old}").rglob("*")):
+        if not path.is_file():
+            continue
+        relative = str(path.relative_to(source_out)).replace(f"sub-{old}", f"sub-{new}")
+        target = results / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".json", ".tsv"):
+            target.write_text(path.read_text().replace(f"sub-{old}", f"sub-{new}"))
+        else:
+            os.link(path, target)
+
+
+def bench_group(out: Path, participants: int, resolution: int = 2,
+                workers: tuple[int, ...] = (1, 2), compare: bool = False,
+                distinct: int = 100) -> dict:  # fmt: skip
+    """The real group level (``mninorm BIDS OUT group``: the mean/SD maps, the table and the
+    report; with ``compare``, ``--group-by group --n-permutations 0`` adds the parametric t maps
+    and the model stage, which loads every participant's maps) on synthetic participant outputs
+    on MNI152NLin6Asym's ``resolution`` mm grid, with each ``workers`` as ``--nthreads``; wall
+    time and peak memory of the whole process tree (benchmarks/measure.py)."""
+    from benchmarks.measure import run_measured
+
+    bids, results = make_group_inputs(out, participants, resolution, distinct)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.setdefault("TEMPLATEFLOW_HOME", str(ROOT.parent / "shared" / "data" / "templateflow"))
     rows = {}
-    for workers in (1, 2):
-        done = subprocess.run(
-            [sys.executable, "-c", _GROUP_CHILD, str(cohort / "out"), str(workers),
-             str(participants)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+    for count in workers:
+        argv = [sys.executable, "-m", "bids_app", str(bids), str(results), "group",
+                "--nthreads", str(count)]  # fmt: skip
+        if compare:
+            argv += ["--group-by", "group", "--n-permutations", "0"]
+        name = f"group_res-{resolution}_{participants}{'_compare' if compare else ''}_{count}"
+        measured = run_measured(
+            argv, env=env, log_path=out / f"{name}.log",
+            timeout_s=3600,
         )  # fmt: skip
-        rows[f"{workers} worker(s)"] = row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows[f"--nthreads {count}"] = row = {
+            "seconds": measured.wall_s, "cpu_seconds": measured.cpu_s,
+            "peak_mb_process_tree": measured.peak_rss_mb, "code": measured.returncode,
+            "command": " ".join(argv[1:]),
+        }  # fmt: skip
         print(
-            f"group, {row['participants']} participants on the 2 mm grid, {workers} worker(s): "
-            f"{row['seconds']:.1f} s; peak memory {row['peak_mb_parent']:.0f} MB (parent), "
-            f"{row['peak_mb_largest_worker']:.0f} MB (largest worker)"
+            f"group level{', --group-by' if compare else ''}, {participants} participants on the "
+            f"{resolution} mm grid, --nthreads "
+            f"{count}: {row['seconds']:.0f} s (CPU {row['cpu_seconds']:.0f} s); peak memory of "
+            f"the process tree {row['peak_mb_process_tree']:.0f} MB; exit {row['code']}"
         )
-    return {"participants": participants, "distinct_participants": unique, "rows": rows}
+    return {"participants": participants, "resolution_mm": resolution, "group_by": compare,
+            "distinct_participants": min(participants, distinct), "rows": rows}  # fmt: skip
 
 
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
-        resume_participants: int, group_participants: int = 1000) -> int:  # fmt: skip
+        resume_participants: int, group_participants: int = 1000, group_resolution: int = 2,
+        group_workers: tuple[int, ...] = (1, 2), group_compare: bool = False,
+        group_distinct: int = 100) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -361,7 +398,13 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
     if "dask" in parts:
         results["dask"] = bench_dask(out, resume_participants)
     if "group" in parts:
-        results["group"] = bench_group(out, group_participants)
+        key = f"group_res-{group_resolution}_{group_participants}" + (
+            "_group-by" if group_compare else ""
+        )
+        results[key] = bench_group(
+            out, group_participants, group_resolution, group_workers, group_compare,
+            group_distinct,
+        )
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {results_path}")
     return 0

@@ -148,7 +148,7 @@ def make(
 
     from bids_app.templates import fetch_template
 
-    template = fetch_template(space.template, space.grid_resolution)
+    template = space.find_grid(fetch_template)
     head = nib.load(str(template.t1w_path))
     template_t1w = np.asarray(head.dataobj, dtype=np.float32)
     mask = (np.asarray(nib.load(str(template.mask_path)).dataobj) > 0).astype(np.uint8)

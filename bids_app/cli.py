@@ -439,6 +439,8 @@ def run_group(settings: Settings, model=None) -> int:
             model=model,
             participant_labels=settings.participant_labels,
             session_labels=settings.session_labels,
+            workers=settings.nthreads,
+            dask_scheduler=settings.dask_scheduler,
         )
     )
     if len(outcome.spaces_without_maps) == len(outcome.spaces):

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from bids_app.errors import MninormError
-from bids_app.group.accumulate import accumulate, split_blocks
+from bids_app.group.accumulate import (
+    accumulate,
+    accumulate_keyed,
+    participant_values,
+    split_blocks,
+)
 from bids_app.group.collect import Grid
 
 SHAPE = (5, 6, 4)
@@ -70,3 +75,26 @@ def test_a_dask_cluster_gives_the_same_result(cohort):
     assert stats.count == len(participants)
     np.testing.assert_allclose(stats.mean, stack.mean(axis=0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(stats.sd(), stack.std(axis=0, ddof=1), rtol=1e-9, atol=1e-9)
+
+
+def _by_parity(item):
+    """Test step: a participant's map under its parity, and again under the key 'all'."""
+    index, paths = item
+    values = participant_values(paths, GRID)
+    yield ("odd" if index % 2 else "even"), values.copy()
+    yield "all", values
+
+
+GRID = Grid(SHAPE, AFFINE, "test")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_keyed_blocks_give_each_keys_mean_and_sd(cohort, workers):
+    participants, stack, _ = cohort
+    items = list(enumerate(participants))
+    stats = accumulate_keyed(items, _by_parity, workers=workers)
+    assert list(stats) == ["even", "all", "odd"]  # the order keys were first met
+    for key, rows in (("even", stack[0::2]), ("odd", stack[1::2]), ("all", stack)):
+        assert stats[key].count == len(rows)
+        np.testing.assert_allclose(stats[key].mean, rows.mean(axis=0), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(stats[key].sd(), rows.std(axis=0, ddof=1), rtol=1e-9, atol=1e-9)

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +28,7 @@ from scipy import stats
 from bids_app.cli import main
 from bids_app.errors import ExitCode, MissingInputError, MninormError
 from bids_app.group import GroupSettings, run_group
+from bids_app.group import maps as maps_module
 from bids_app.group.cohort import robust_z
 from bids_app.group.maps import RunningStats
 from bids_app.outputs import derivatives as drv
@@ -320,6 +322,44 @@ def test_results_do_not_depend_on_the_order_participants_were_processed(tmp_path
             assert np.array_equal(load(first / name), load(second / name)), name
         else:
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def _same_group_outputs(first: Path, second: Path) -> None:
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        if name.endswith(".nii.gz"):  # merged partial sums: equal to float32 precision
+            assert np.allclose(load(first / name), load(second / name), rtol=1e-6, atol=1e-7), name
+        elif name.endswith(".json"):
+            assert json.loads((first / name).read_text()) == json.loads(
+                (second / name).read_text()
+            ), name
+
+
+@pytest.mark.parametrize("reader", ["processes", "dask"])
+def test_maps_read_in_parallel_blocks_equal_one_process(planted, fetch, tmp_path, monkeypatch,
+                                                        caplog, reader):  # fmt: skip
+    caplog.set_level("INFO", logger="bids_app.group.maps")
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"], out)
+    shutil.rmtree(drv.group_dir(out))
+    monkeypatch.setattr(maps_module, "MIN_PARTICIPANTS_PER_WORKER", 1)  # 12 participants: 2 blocks
+    settings = GroupSettings(out, planted["bids"], "group", workers=2)
+    if reader == "dask":
+        distributed = pytest.importorskip("distributed")
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        )
+        settings = replace(settings, workers=1, dask_scheduler=cluster.scheduler_address)
+    try:
+        outcome = run_group(settings, fetch_template=fetch)
+    finally:
+        if reader == "dask":
+            cluster.close()
+    assert len(outcome.written) == len(planted["outcome"].written)
+    expected = "on the Dask cluster" if reader == "dask" else "in 2 process(es)"
+    assert f"reading 12 participants' maps {expected}" in caplog.text
+    _same_group_outputs(drv.group_dir(planted["out"]), drv.group_dir(out))
 
 
 # ---- robust outliers -------------------------------------------------------------------------

@@ -8,13 +8,16 @@ participant's maps at a time, and the parent at most one partial result per bloc
 cohort's size. The t and F maps of ``group/maps.py`` need nothing more than per-group
 ``RunningStats``, so each group can be accumulated this way.
 
-Not yet wired into ``group/maps.py`` (being changed for permutation statistics on another branch):
-``accumulate`` takes the participants' map paths and returns what its loops build.
+``accumulate`` takes the participants' map paths (one kind of map); ``accumulate_keyed`` runs a
+function that turns one item (a participant) into several (key, values) pairs, e.g. every map kind
+of one participant with their group, and returns one merged ``RunningStats`` per key: that is what
+``group/maps.py`` uses for the mean/SD and the parametric t/F maps.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -69,13 +72,20 @@ def accumulate(
     blocks = split_blocks(participants, workers)
     if client is not None:
         futures = [client.submit(block_stats, block, grid, pure=False) for block in blocks]
-        partials = (future.result() for future in futures)
-        return _merge(partials)
+        return _merge(_results(futures))
     if len(blocks) == 1:
         return block_stats(blocks[0], grid)
     with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(block_stats, block, grid) for block in blocks]
-        return _merge(future.result() for future in futures)
+        return _merge(_results(futures))
+
+
+def _results(futures: list):
+    """Each future's result in order, the future dropped first: a merged partial result is not
+    kept alive by its future."""
+    futures.reverse()
+    while futures:
+        yield futures.pop().result()
 
 
 def _merge(partials) -> RunningStats:
@@ -83,4 +93,44 @@ def _merge(partials) -> RunningStats:
     total = RunningStats()
     for partial in partials:
         total.absorb(partial)
+    return total
+
+
+# ---- several keys at once ------------------------------------------------------------------------
+
+# One item -> its (key, float64 values) pairs; module-level (or a functools.partial of one) so it
+# can be pickled to a worker process
+Step = Callable[[object], Iterable[tuple[Hashable, np.ndarray]]]
+
+
+def keyed_block_stats(block: list, step: Step) -> dict:
+    stats: dict = {}
+    for item in block:
+        for key, values in step(item):
+            stats.setdefault(key, RunningStats()).add(values)
+    return stats
+
+
+def accumulate_keyed(items: list, step: Step, workers: int = 1, client=None) -> dict:
+    """key -> ``RunningStats`` of every values ``step`` gave for that key, over ``items`` split in
+    ``workers`` blocks run by local processes (or one task per worker thread of the Dask
+    ``client``) and merged in block order. Keys appear in the order they were first met."""
+    if client is not None:
+        workers = max(1, sum(client.nthreads().values()))
+    blocks = split_blocks(items, workers)
+    if client is not None:
+        futures = [client.submit(keyed_block_stats, block, step, pure=False) for block in blocks]
+        return _merge_keyed(_results(futures))
+    if len(blocks) <= 1:
+        return keyed_block_stats(blocks[0] if blocks else [], step)
+    with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(keyed_block_stats, block, step) for block in blocks]
+        return _merge_keyed(_results(futures))
+
+
+def _merge_keyed(partials) -> dict:
+    total: dict = {}
+    for partial in partials:
+        for key, stats in partial.items():
+            total.setdefault(key, RunningStats()).absorb(stats)
     return total

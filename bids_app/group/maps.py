@@ -3,9 +3,13 @@
 Each participant counts once: their value is the mean of their included T1w (sessions, runs) in
 the space, so a participant scanned twice does not weigh double and the comparison's observations
 are independent. Statistics stream over participants in label order, in float64 (Welford's
-update; groups combined with Chan's formula): one participant's images are in memory at a time,
-whatever the cohort's size, and the result does not depend on the order participants were
-processed in.
+update; groups combined with Chan's formula): the participants are split into contiguous blocks
+read in parallel (``Reading``: local processes, or the Dask cluster of ``--dask-scheduler``), each
+holding one participant's images and its partial sums (count, mean, M2 per map kind and group) at a
+time, and the partial sums are merged (``group/accumulate.py``). Memory does not grow with the
+cohort, and the result does not depend on the order participants were processed in. (With lesion
+masks, the log-Jacobian maps are read one participant at a time in this process; the permutation
+model of ``group/inference.py`` loads the data it needs itself.)
 
 Written per space (names in ``derivatives.GROUP_SPACE_OUTPUTS``):
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +53,22 @@ JACOBIANS = {
     "nonlinear": "the nonlinear (SyN) part only: local volume after the global (affine) size "
     "difference is removed, as if head size were a nuisance covariate",
 }
+
+
+# Fewer participants than this per worker: read them in this process (starting processes costs
+# more than it saves)
+MIN_PARTICIPANTS_PER_WORKER = 16
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the participants' maps are read: ``workers`` local processes, or the Dask ``client``."""
+
+    workers: int = 1
+    client: object | None = field(default=None, compare=False)
+
+    def workers_for(self, participants: int) -> int:
+        return max(1, min(self.workers, participants // MIN_PARTICIPANTS_PER_WORKER))
 
 
 class RunningStats:
@@ -114,17 +135,21 @@ class SpaceMaps:
     design: Design | None = field(default=None, compare=False)
 
 
-def write_space_maps(output_dir: Path, cohort: SpaceCohort, design: Design | None) -> SpaceMaps:
+def write_space_maps(
+    output_dir: Path, cohort: SpaceCohort, design: Design | None, reading: Reading = Reading()
+) -> SpaceMaps:
     """Every map of one space (nothing when no T1w is included)."""
     grid = cohort.space.grid
     by_subject = _rows_by_subject(cohort)
     if not by_subject or grid is None:
         return SpaceMaps(cohort.space.label, (), ())
     context = _Context(output_dir, cohort, grid, by_subject, design)
-    written = _write_t1w_maps(context)
+    lesions = participant_lesions(by_subject, grid)
+    sums = _accumulate(context, reading, jacobians=not lesions)
+    written = _write_t1w_maps(context, sums)
     stats = []
     for jacobian in JACOBIANS:
-        paths, stat_maps = _write_jacobian_maps(context, jacobian)
+        paths, stat_maps = _write_jacobian_maps(context, jacobian, sums, lesions)
         written += paths
         stats += stat_maps
     return SpaceMaps(cohort.space.label, tuple(by_subject), tuple(written), tuple(stats), design)
@@ -157,10 +182,14 @@ def _rows_by_subject(cohort: SpaceCohort) -> dict[str, tuple[CohortRow, ...]]:
 
 
 def _load(row: CohortRow, kind: str, grid: Grid) -> np.ndarray:
-    data, problem = read_map(row.result.paths[kind], grid)
+    return _load_at(row.result.subject, row.result.paths[kind], grid)
+
+
+def _load_at(subject: str, path: Path, grid: Grid) -> np.ndarray:
+    data, problem = read_map(path, grid)
     if problem:  # it was readable a moment ago: another job is rewriting this participant
         raise MninormError(
-            f"sub-{row.result.subject}: {problem} (it changed while the group level was "
+            f"sub-{subject}: {problem} (it changed while the group level was "
             "running); run the group level again once the participant level has finished"
         )
     return data
@@ -168,14 +197,18 @@ def _load(row: CohortRow, kind: str, grid: Grid) -> np.ndarray:
 
 def scaled_t1w(row: CohortRow, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """(the normalised T1w divided by its median inside its own brain mask (float64), that mask)."""
-    t1w = _load(row, "t1w", grid).astype(np.float64)
-    inside = _load(row, "mask", grid) > 0
+    return _scaled_t1w_at(row.result.subject, row.result.paths, grid)
+
+
+def _scaled_t1w_at(subject: str, paths: dict, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    t1w = _load_at(subject, paths["t1w"], grid).astype(np.float64)
+    inside = _load_at(subject, paths["mask"], grid) > 0
     median = float(np.median(t1w[inside])) if inside.any() else 0.0
     if median > 0:
         t1w /= median
     else:
         log.warning("sub-%s: %s has no positive median inside its brain mask; not rescaled",
-                    row.result.subject, row.result.paths["t1w"].name)  # fmt: skip
+                    subject, paths["t1w"].name)  # fmt: skip
     return t1w, inside
 
 
@@ -189,21 +222,72 @@ def participant_mean(rows: tuple[CohortRow, ...], read) -> np.ndarray:
     return total
 
 
+# ---- the partial sums, read in parallel ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What a worker needs of one participant's rows (picklable, small)."""
+
+    subject: str
+    level: str | None  # the --group-by level when comparing, else None
+    paths: tuple[dict, ...]  # per included T1w: kind -> Path
+
+
+def _accumulate(context: _Context, reading: Reading, jacobians: bool) -> dict:
+    """(kind, level) -> RunningStats: ("t1w", None), ("mask", None) and, with ``jacobians``,
+    ("logjac_<jacobian>", the participant's group or None) for each Jacobian."""
+    from bids_app.group.accumulate import accumulate_keyed
+
+    design = context.design
+    comparing = design is not None and design.usable and not design.numeric
+    items = [
+        _Rows(subject, design.level_of.get(subject) if comparing else None,
+              tuple(dict(row.result.paths) for row in rows))
+        for subject, rows in context.by_subject.items()
+    ]  # fmt: skip
+    step = partial(participant_sums, grid=context.grid, jacobians=jacobians)
+    if reading.client is not None:
+        log.info("%s: reading %d participants' maps on the Dask cluster", context.label, len(items))
+        return accumulate_keyed(items, step, client=reading.client)
+    workers = reading.workers_for(len(items))
+    log.info("%s: reading %d participants' maps in %d process(es)", context.label, len(items),
+             workers)  # fmt: skip
+    return accumulate_keyed(items, step, workers=workers)
+
+
+def participant_sums(item: _Rows, grid: Grid, jacobians: bool):
+    """One participant's (key, float64 values): their T1w (scaled), brain mask and log-Jacobians,
+    each the mean over their included T1w."""
+    t1w, mask = None, None
+    for paths in item.paths:  # a participant's sessions and runs: their mean counts once
+        more_t1w, inside = _scaled_t1w_at(item.subject, paths, grid)
+        t1w = more_t1w if t1w is None else t1w + more_t1w
+        mask = inside.astype(np.float64) if mask is None else mask + inside
+    count = len(item.paths)
+    if count > 1:
+        t1w /= count
+        mask /= count
+    yield ("t1w", None), t1w
+    yield ("mask", None), mask
+    if not jacobians:
+        return
+    for jacobian in JACOBIANS:
+        kind = f"logjac_{jacobian}"
+        values = _load_at(item.subject, item.paths[0][kind], grid).astype(np.float64)
+        for paths in item.paths[1:]:
+            values += _load_at(item.subject, paths[kind], grid)
+        if count > 1:
+            values /= count
+        yield (kind, item.level), values
+
+
 # ---- the maps --------------------------------------------------------------------------------
 
 
-def _write_t1w_maps(context: _Context) -> list[Path]:
+def _write_t1w_maps(context: _Context, sums: dict) -> list[Path]:
     grid = context.grid
-    t1w_stats, mask_sum = RunningStats(), np.zeros(grid.shape, dtype=np.float64)
-    for rows in context.by_subject.values():
-        t1w, inside = scaled_t1w(rows[0], grid)
-        mask = inside.astype(np.float64)
-        for row in rows[1:]:  # a participant's sessions and runs: their mean counts once
-            more_t1w, more_inside = scaled_t1w(row, grid)
-            t1w += more_t1w
-            mask += more_inside
-        t1w_stats.add(t1w / len(rows) if len(rows) > 1 else t1w)
-        mask_sum += mask / len(rows)
+    t1w_stats = sums[("t1w", None)]
     count = t1w_stats.count
     sources = _sources(context, ("t1w", "mask"))
     common = _common_sidecar(context, sources)
@@ -213,7 +297,7 @@ def _write_t1w_maps(context: _Context) -> list[Path]:
             "each divided by its median inside its own brain mask (relative intensity).",
             "Units": "relative intensity (median inside the brain = 1)",
         }, grid),
-        _write(context.path("brain_probseg"), mask_sum / count, {
+        _write(context.path("brain_probseg"), sums[("mask", None)].mean, {
             **common, "Description": f"Share of the {count} participants whose brain mask (in "
             "template space) covers each voxel.",
             "Units": "fraction", "Type": "Brain",
@@ -231,18 +315,20 @@ def _write_t1w_maps(context: _Context) -> list[Path]:
     return written
 
 
-def _write_jacobian_maps(context: _Context, jacobian: str) -> tuple[list[Path], list[StatMap]]:
+def _write_jacobian_maps(
+    context: _Context, jacobian: str, sums: dict, lesions: dict
+) -> tuple[list[Path], list[StatMap]]:
     grid, design = context.grid, context.design
     kind = f"logjac_{jacobian}"
     comparing = design is not None and design.usable and not design.numeric
-    lesions = participant_lesions(context.by_subject, grid)
     lesion_free = LesionFreeStats(grid.shape) if lesions else None
     cells: dict[str | None, RunningStats] = {}
-    for subject, rows in context.by_subject.items():
+    if lesion_free is None:  # merged partial sums, per group
+        cells = {level: stats for (key, level), stats in sums.items() if key == kind}
+    for subject, rows in context.by_subject.items() if lesion_free is not None else ():
         level = design.level_of.get(subject) if comparing else None
         values = participant_mean(rows, lambda r: _load(r, kind, grid))
-        if lesion_free is not None:
-            lesion_free.add(values, lesions.get(subject))
+        lesion_free.add(values, lesions.get(subject))
         cells.setdefault(level, RunningStats()).add(values)
     written, stat_maps = [], []
     if comparing:

@@ -20,7 +20,7 @@ from bids_app.errors import MninormError
 from bids_app.group.cohort import build_cohort, write_table
 from bids_app.group.collect import collect
 from bids_app.group.design import Design, build_design, read_participants
-from bids_app.group.maps import write_space_maps
+from bids_app.group.maps import Reading, write_space_maps
 from bids_app.group.model import ModelSpec
 from bids_app.group.report import SpaceSection, write_group_report
 from bids_app.outputs import derivatives as drv
@@ -36,6 +36,8 @@ class GroupSettings:
     participant_labels: tuple[str, ...] = ()
     session_labels: tuple[str, ...] = ()
     model: ModelSpec | None = None  # None: the uncorrected maps only (no smoothing, covariates)
+    workers: int = 1  # local processes reading the maps (--nthreads)
+    dask_scheduler: str | None = None  # read them on this Dask cluster instead
 
 
 @dataclass(frozen=True)
@@ -73,25 +75,40 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
         from bids_app.group.inference import require_nilearn
 
         require_nilearn()  # before any work
+    client = None
+    if settings.dask_scheduler:
+        from bids_app.participant.cluster import connect
+
+        client = connect(settings.dask_scheduler)
+    reading = Reading(settings.workers, client)
     try:
-        return _write_outputs(output_dir, collection, cohorts, column, table, settings.model, atlas)
+        return _write_outputs(
+            output_dir, collection, cohorts, column, table, settings.model, atlas, reading
+        )
     except OSError as err:  # disk full, permissions: the previous outputs are still whole
         raise MninormError(
             f"could not write the group outputs in {output_dir} ({err}); make room or fix the "
             "permissions, then run the group level again (outputs already there are unchanged or "
             "complete: every file is written whole or not at all)"
         ) from err
+    finally:
+        if client is not None:
+            client.close()
 
 
-def _write_outputs(output_dir, collection, cohorts, column, table, spec, atlas) -> GroupOutcome:
+def _write_outputs(
+    output_dir, collection, cohorts, column, table, spec, atlas, reading: Reading
+) -> GroupOutcome:
     sections, written, messages, problems, empty = [], [], [], [], []
     for cohort in cohorts:
         design = build_design(column, table, cohort.subjects) if column else None
         if design is not None and not design.usable:
             problems.append(f"{cohort.space.space}: {design.problem}")
-        maps = write_space_maps(output_dir, cohort, design)
+        maps = write_space_maps(output_dir, cohort, design, reading)
         inference = None
         if maps.written and design is not None and design.usable and spec is not None:
+            log.info("%s: the permutation model loads every compared participant's maps "
+                     "(smoothed, inside the mask) into memory", cohort.space.space)  # fmt: skip
             inference = _infer(output_dir, cohort, design, table, spec, atlas)
             if not inference.model.usable:
                 problems.append(f"{cohort.space.space}: {inference.model.problem}")
