@@ -40,8 +40,14 @@ SPACE = TEST_TEMPLATE
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.txt"
 TESTS = Path(__file__).parent
 # Participants that are copies of conftest's sub-02 (a head) or sub-01 (a brain): their poses
+# An oblique header: sub-02's head with its world turned by this rotation (sub-13's pose follows)
+OBLIQUE = nib.affines.from_matvec(
+    nib.eulerangles.euler2mat(z=np.radians(10), x=np.radians(15)), [4.0, -3.0, 2.0]
+)
 POSES = {"sub-02": DATASET_POSES["sub-02"], "sub-09": DATASET_POSES["sub-02"],
-         "sub-11": DATASET_POSES["sub-01"], "sub-12": DATASET_POSES["sub-02"]}  # fmt: skip
+         "sub-11": DATASET_POSES["sub-01"], "sub-12": DATASET_POSES["sub-02"],
+         "sub-13": DATASET_POSES["sub-02"] @ np.linalg.inv(OBLIQUE),
+         "sub-14": DATASET_POSES["sub-02"]}  # fmt: skip
 
 
 def _engines() -> FakeEngines:
@@ -205,6 +211,31 @@ def _disk_fills(bids, subject):
     shutil.copy(source / "sub-01" / "ses-1" / "anat" / name, _t1w_path(bids, subject))
 
 
+def _oblique(bids, subject):
+    """sub-02's head with an oblique header (its world turned and moved): processed as it is."""
+    head = _good_head(bids)
+    nib.Nifti1Image(np.asarray(head.dataobj), OBLIQUE @ head.affine).to_filename(
+        _t1w_path(bids, subject)
+    )
+
+
+def _thick_slabs(bids, subject):
+    """sub-02's head as 10 mm slabs along its third axis (slices averaged in blocks): the same
+    world, so the same pose; processed as it is."""
+    head = _good_head(bids)
+    data = np.asarray(head.dataobj, dtype=np.float32)
+    block = max(2, round(10.0 / head.header.get_zooms()[2]))
+    depth = data.shape[2] // block * block
+    slabs = data[:, :, :depth].reshape(*data.shape[:2], -1, block).mean(axis=-1)
+    affine = head.affine.copy()
+    affine[:3, 3] += affine[:3, 2] * (block - 1) / 2  # a slab's centre is its slices' mean
+    affine[:3, 2] *= block
+    nib.Nifti1Image(slabs, affine).to_filename(_t1w_path(bids, subject))
+
+
+# participants whose unusual input must be processed as any other: their outputs are complete
+HELD = {"13": _oblique, "14": _thick_slabs}
+
 # participant -> (how its input is made, what the console and its run record say)
 CATALOGUE = {
     "03": (_truncated, "sub-03_T1w.nii.gz: the image data is truncated or corrupt"),
@@ -230,6 +261,8 @@ def catalogue(dataset, tmp_path_factory):
     bids = _good_dataset(dataset[0], folder / "bids")
     for subject, (make, _) in CATALOGUE.items():
         make(bids, subject)
+    for subject, make in HELD.items():
+        make(bids, subject)
     modes = {path: path.stat().st_mode for path in [bids, *bids.rglob("*")]}
     for path, mode in sorted(modes.items(), reverse=True):  # files before their folders
         path.chmod(mode & ~0o222)
@@ -254,13 +287,21 @@ def catalogue(dataset, tmp_path_factory):
         for path, mode in modes.items():
             path.chmod(mode)
     return {"out": out, "code": code, "console": console, "input_unchanged": unchanged,
-            "modes_kept": modes_kept}  # fmt: skip
+            "modes_kept": modes_kept, "bids": bids}  # fmt: skip
 
 
 def test_catalogue_exits_1_and_the_good_participant_is_complete(catalogue):
     assert catalogue["code"] == ExitCode.PARTICIPANT_FAILED
     assert "Traceback" not in catalogue["console"]
     _assert_good_participant_complete(catalogue["out"])
+
+
+@pytest.mark.parametrize("subject", sorted(HELD))
+def test_an_oblique_header_or_thick_slabs_are_processed_whole(catalogue, subject):
+    _assert_good_participant_complete(catalogue["out"], subject)
+    record = _record(catalogue["out"], subject)
+    assert record["SourceShape"] == list(nib.load(catalogue["bids"] / f"sub-{subject}" / "anat"
+                                                  / f"sub-{subject}_T1w.nii.gz").shape)  # fmt: skip
 
 
 def test_catalogue_leaves_nothing_half_written(catalogue):
