@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -339,6 +338,7 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
     from bids_app.participant.pipeline import (
         SKIPPED,
         T1wOutcome,
+        WorkFolder,
         resolve_templates,
         run_participants,
         write_report,
@@ -376,7 +376,7 @@ def run_participant_level(settings: Settings, run: RunInfo, verbosity: Verbosity
         if not derivatives.report_path(settings.output_dir, subject).is_file():
             write_report(subject, settings)  # nothing changed, but its report is missing
     if todo:
-        with _work_dir(settings.work_dir) as work_dir:
+        with WorkFolder(settings.work_dir) as work_dir:
             outcomes += run_participants(
                 todo, settings, templates, work_dir, run, verbosity, _remote_executor(settings)
             )
@@ -448,25 +448,6 @@ def run_group(settings: Settings, model=None) -> int:
     if outcome.design_problems:
         return int(ExitCode.GROUP_BY_UNUSABLE)
     return int(ExitCode.OK)
-
-
-class _work_dir:
-    """The given work folder (kept), or a temporary one (removed)."""
-
-    def __init__(self, path: Path | None):
-        self._path = path
-        self._tmp = None
-
-    def __enter__(self) -> Path:
-        if self._path is not None:
-            self._path.mkdir(parents=True, exist_ok=True)
-            return self._path
-        self._tmp = tempfile.TemporaryDirectory(prefix="mninorm-")
-        return Path(self._tmp.name)
-
-    def __exit__(self, *exc):
-        if self._tmp is not None:
-            self._tmp.cleanup()
 
 
 @contextmanager

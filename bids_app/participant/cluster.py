@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 
 from bids_app import logs, progress
 from bids_app.errors import MissingExtraError, UsageError
@@ -113,11 +111,11 @@ def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list
             "process: start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False in their "
             "environment (see docs/scale.md)"
         )
-    from bids_app.participant.pipeline import failed_outcome, run_participant
+    from bids_app.participant.pipeline import WorkFolder, failed_outcome, run_participant
 
     spawn = get_context("spawn")
     child = (_start_child, (settings.omp_nthreads, verbosity, os.getpid()))
-    with _work_folder(settings.work_dir) as work_dir, ProcessPoolExecutor(1, spawn, *child) as pool:
+    with WorkFolder(settings.work_dir) as work_dir, ProcessPoolExecutor(1, spawn, *child) as pool:
         try:
             return pool.submit(
                 run_participant, subject, t1ws, settings, templates, work_dir, run, verbosity
@@ -125,22 +123,6 @@ def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list
         except Exception as err:  # the process died (memory, segfault): report, go on
             message = f"the participant's process died ({type(err).__name__}: {err})"
             return [failed_outcome(t1w, message, time.perf_counter()) for t1w in t1ws]
-
-
-class _work_folder:
-    def __init__(self, path: Path | None):
-        self._path, self._tmp = path, None
-
-    def __enter__(self) -> Path:
-        if self._path is not None:
-            self._path.mkdir(parents=True, exist_ok=True)
-            return self._path
-        self._tmp = tempfile.TemporaryDirectory(prefix="mninorm-")
-        return Path(self._tmp.name)
-
-    def __exit__(self, *exc):
-        if self._tmp is not None:
-            self._tmp.cleanup()
 
 
 def _start_child(threads: int, verbosity: logs.Verbosity, worker_pid: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import tempfile
 import threading
 import time
 import traceback
@@ -939,3 +940,22 @@ def _participant_in_child(*args) -> list[T1wOutcome]:
         return run_participant(*args)
     finally:
         logs.flush_child()  # its last records reach the console before its result
+
+
+class WorkFolder:
+    """The given work folder (kept), or a temporary one (removed)."""
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        self._tmp = None
+
+    def __enter__(self) -> Path:
+        if self._path is not None:
+            self._path.mkdir(parents=True, exist_ok=True)
+            return self._path
+        self._tmp = tempfile.TemporaryDirectory(prefix="mninorm-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self._tmp.cleanup()
