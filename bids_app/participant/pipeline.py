@@ -725,9 +725,45 @@ def _write_started_record(
     """Before the first output is (over)written: a record without an end time, which resume
     redoes and reports show as failed if the run is killed (it is replaced when the T1w ends)."""
     record = RunRecord(
-        source=drv.bids_uri(t1w.relpath),
+        **_run_fields(settings, t1w, run, started, resume_fields),
         status="failed",
         error=f"started at {started} and did not end (the run was killed or is still running)",
+    )
+    _save_run_record(record, settings, t1w)
+
+
+def _write_run_record(
+    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, learnt: dict, run: RunInfo,
+    started: str, resume_fields: dict | None = None,
+) -> None:  # fmt: skip
+    """What happened to one T1w, success or not, and in which run: reports and QC read it from
+    disk."""
+    record = RunRecord(
+        **_run_fields(settings, t1w, run, started, resume_fields),
+        **learnt,
+        status="ok" if outcome.ok else "failed",
+        error=outcome.message or None,
+        total_seconds=round(outcome.seconds, 1),
+        threads=settings.omp_nthreads,
+        outputs=tuple(drv.derivative_uri(settings.output_dir, path) for path in outcome.outputs),
+        software=_software_versions(settings.engine),
+        registration=_registration_record(settings),
+        cpu_count=run.cpu_count,
+        cpu_affinity_count=run.cpu_affinity,
+        end_time=utc_now(),
+        threads_total=settings.nthreads,
+        parallel_participants=1 if settings.in_process else settings.parallel_participants,
+    )
+    _save_run_record(record, settings, t1w)
+
+
+def _run_fields(
+    settings: Settings, t1w: T1wInput, run: RunInfo, started: str, resume_fields: dict | None
+) -> dict:
+    """What the started and the final record both say: the input, the settings, the invocation
+    (the same for all its participants) and when this T1w started."""
+    return dict(
+        source=drv.bids_uri(t1w.relpath),
         output_spaces=tuple(str(space) for space in settings.output_spaces),
         preset=settings.preset,
         engine=settings.engine,
@@ -738,47 +774,11 @@ def _write_started_record(
         start_time=started,
         resume=resume_fields,
     )
+
+
+def _save_run_record(record: RunRecord, settings: Settings, t1w: T1wInput) -> None:
     try:
         write_run_record(record, drv.run_record_path(settings.output_dir, t1w))
-    except OSError as err:  # as for the final record: its loss must not fail the T1w
-        log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
-
-
-def _write_run_record(
-    settings: Settings, t1w: T1wInput, outcome: T1wOutcome, learnt: dict, run: RunInfo,
-    started: str, resume_fields: dict | None = None,
-) -> None:  # fmt: skip
-    """What happened to one T1w, success or not, and in which run: reports and QC read it from
-    disk."""
-    out = settings.output_dir
-    try:
-        record = RunRecord(
-            source=drv.bids_uri(t1w.relpath),
-            **learnt,
-            status="ok" if outcome.ok else "failed",
-            error=outcome.message or None,
-            total_seconds=round(outcome.seconds, 1),
-            output_spaces=tuple(str(space) for space in settings.output_spaces),
-            preset=settings.preset,
-            engine=settings.engine,
-            random_seed=settings.random_seed,
-            threads=settings.omp_nthreads,
-            outputs=tuple(drv.derivative_uri(out, path) for path in outcome.outputs),
-            software=_software_versions(settings.engine),
-            registration=_registration_record(settings),
-            # Provenance: the invocation (the same for all its participants) and this T1w's times
-            run_uuid=run.run_uuid,
-            command_line=run.command_line,
-            run_start_time=run.start_time,
-            cpu_count=run.cpu_count,
-            cpu_affinity_count=run.cpu_affinity,
-            start_time=started,
-            end_time=utc_now(),
-            threads_total=settings.nthreads,
-            parallel_participants=1 if settings.in_process else settings.parallel_participants,
-            resume=resume_fields,
-        )
-        write_run_record(record, drv.run_record_path(out, t1w))
     except OSError as err:  # the record is a convenience; its loss must not fail the T1w
         log.warning("sub-%s: could not write the run record: %s", t1w.subject, err)
 
