@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--n-permutations", type=int, metavar="N",
         help="group level: permutations for family-wise error correction (default "
-        f"{DEFAULT_PERMUTATIONS}, or 0 with a warning when nilearn, the 'stats' extra, is not "
+        f"{DEFAULT_PERMUTATIONS}, or 0 with a warning when joblib, the 'stats' extra, is not "
         "installed; seeded by --random-seed; 0: parametric maps only)",
     )  # fmt: skip
     group.add_argument(
@@ -414,8 +414,8 @@ def model_spec_from_args(args: argparse.Namespace, settings: Settings):
     permutations = args.n_permutations
     if permutations is None:
         permutations = DEFAULT_PERMUTATIONS
-        if args.group_by and importlib.util.find_spec("nilearn") is None:
-            log.warning("nilearn (the 'stats' extra) is not installed: no permutations, the "
+        if args.group_by and importlib.util.find_spec("joblib") is None:
+            log.warning("joblib (the 'stats' extra) is not installed: no permutations, the "
                         "group statistics are parametric and uncorrected; pip install "
                         "'mninorm[stats]' for FWE-corrected maps")  # fmt: skip
             permutations = 0

@@ -133,7 +133,7 @@ def permute(
     Freedman-Lane, max-statistic, TFCE on the mask's bounding box when ``spec.tfce``)."""
     from bids_app.group.tfce import permutation_test
 
-    require_nilearn()  # the 'stats' extra (joblib for the processes comes with it)
+    require_stats_extra()
     box = crop_to_mask(mask, affine)[0] if spec.tfce else None  # fewer voxels to label
     started = time.monotonic()
     null = permutation_test(data, matrix, column, spec.n_permutations, spec.seed, mask=box,
@@ -156,17 +156,16 @@ def crop_to_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return mask[box], shifted
 
 
-def require_nilearn():
-    """nilearn's ``permuted_ols`` and ``NiftiMasker``, or an error naming the extra to install."""
+def require_stats_extra() -> None:
+    """joblib (the 'stats' extra), which spreads the permutations over processes (``tfce.py``),
+    or an error naming the extra to install."""
     try:
-        from nilearn.maskers import NiftiMasker
-        from nilearn.mass_univariate import permuted_ols
+        import joblib  # noqa: F401
     except ImportError as err:
         raise MninormError(
-            "--n-permutations needs nilearn: pip install 'mninorm[stats]' (the container has "
+            "--n-permutations needs joblib: pip install 'mninorm[stats]' (the container has "
             "it), or give --n-permutations 0 for the parametric maps only"
         ) from err
-    return permuted_ols, NiftiMasker
 
 
 def fwe_threshold() -> float:

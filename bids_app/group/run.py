@@ -72,9 +72,9 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
 
         atlas = load_atlas(settings.model.atlas)  # a wrong --atlas fails before any work
     if column and settings.model is not None and settings.model.n_permutations > 0:
-        from bids_app.group.inference import require_nilearn
+        from bids_app.group.inference import require_stats_extra
 
-        require_nilearn()  # before any work
+        require_stats_extra()  # before any work
     client = None
     if settings.dask_scheduler:
         from bids_app.participant.cluster import connect
