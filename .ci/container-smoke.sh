@@ -130,8 +130,12 @@ make_wheelhouse() {
     cp -R "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/bids_app" "$project/"
     local -a requires
     mapfile -t requires <<<"$build_requires"
+    # The extras the image installs (the Dockerfile's ARG EXTRAS), so their wheels are here too.
+    local extras
+    extras=$(sed -n 's/^ARG EXTRAS="\(.*\)"$/\1/p' "$REPO/Dockerfile" | tr ' ' ',')
+    [[ -n $extras ]] || fail "no ARG EXTRAS=\"...\" line in $REPO/Dockerfile"
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$WHEELHOUSE" \
-        "$project" "${requires[@]}" >"$SCRATCH/pip-download.log" 2>&1 ||
+        "$project[$extras]" "${requires[@]}" >"$SCRATCH/pip-download.log" 2>&1 ||
         fail "pip download failed, see $SCRATCH/pip-download.log"
     rm -rf "$project"
 }
