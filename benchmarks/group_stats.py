@@ -241,7 +241,7 @@ def timing(settings: StatsSettings) -> list[dict]:
 def target(settings: StatsSettings) -> list[dict]:
     """The issue's target: the 10 mm sphere at the synthetic cohort's effect (0.1), found by
     TFCE in a 20-participant cohort on the 2 mm grid at the default smoothing."""
-    from bids_app.settings import DEFAULT_SMOOTHING_FWHM
+    from bids_app.group.model import DEFAULT_SMOOTHING_FWHM
 
     one = replace(settings, sensitivity_step=1, effects=(settings.effects[0],),
                   fwhms=(DEFAULT_SMOOTHING_FWHM,))  # fmt: skip

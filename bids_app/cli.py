@@ -16,14 +16,13 @@ from pathlib import Path
 from bids_app import __version__
 from bids_app.console import open_console, run_command
 from bids_app.errors import ExitCode, MninormError, UsageError
+from bids_app.group.model import DEFAULT_PERMUTATIONS, DEFAULT_SMOOTHING_FWHM
 from bids_app.logs import LIBRARY_LOGGERS, Verbosity, quiet_libraries
 from bids_app.outputs.provenance import RunInfo, start_run
 from bids_app.registration.registry import DEFAULT_ENGINE, ENGINES, EngineFactory, get_engine
 from bids_app.settings import (
     DEFAULT_BRAIN_TEMPLATE,
-    DEFAULT_PERMUTATIONS,
     DEFAULT_SEED,
-    DEFAULT_SMOOTHING_FWHM,
     PRESETS,
     SKULL_STRIP_MODES,
     Settings,

@@ -16,9 +16,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 20240229  # fixed so that two runs of the same input agree; recorded in sidecars
 PRESETS = USER_PRESETS
-# Group-level model (group/model.py), chosen on `python -m benchmarks stats` (docs/group.md)
-DEFAULT_SMOOTHING_FWHM = 6.0  # mm
-DEFAULT_PERMUTATIONS = 1000
 SKULL_STRIP_MODES = ("auto", "force", "skip")
 # The template head brain extraction registers to, as sMRIPrep does (its brain mask includes the
 # cerebellum); when it is absent and not asked for, the first output template's head is used.

@@ -6,6 +6,15 @@ who enters the maps) -> ``design`` (groups from participants.tsv) -> ``maps`` (m
 maps) -> ``report`` (group.html); ``run`` strings them together.
 """
 
-from bids_app.group.run import GroupOutcome, GroupSettings, run_group
 
 __all__ = ["GroupOutcome", "GroupSettings", "run_group"]
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that the command line can read the model's defaults
+    # (group.model) without importing the whole group level.
+    if name in __all__:
+        from bids_app.group import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

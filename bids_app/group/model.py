@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bids_app.group.design import Design, ParticipantsTable
-from bids_app.settings import DEFAULT_PERMUTATIONS, DEFAULT_SEED, DEFAULT_SMOOTHING_FWHM
 
+# Chosen on `python -m benchmarks stats` (docs/group.md)
+DEFAULT_SMOOTHING_FWHM = 6.0  # mm
+DEFAULT_PERMUTATIONS = 1000
 BRAIN_VOLUME = "brain_volume"  # the covariate mninorm measures itself
 MIN_RESIDUAL_DF = 2
 _MISSING = ("", "n/a")
@@ -32,11 +34,11 @@ _MISSING = ("", "n/a")
 class ModelSpec:
     """The command line's model and inference settings (``--covariates`` ... ``--atlas``)."""
 
+    seed: int  # the run's --random-seed
     covariates: tuple[str, ...] = ()
     smoothing_fwhm: float = DEFAULT_SMOOTHING_FWHM  # mm
     n_permutations: int = DEFAULT_PERMUTATIONS  # 0: parametric maps only
     tfce: bool = True  # threshold-free cluster enhancement (besides voxel-wise max-t)
-    seed: int = DEFAULT_SEED
     atlas: str | None = None  # FILE[:LABELS]
     n_jobs: int = 1  # processes for the permutations
     jacobians: tuple[str, ...] = ()  # the log-Jacobians modelled; (): both (total, nonlinear)

@@ -77,7 +77,7 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
         require_stats_extra()  # before any work
     client = None
     if settings.dask_scheduler:
-        from bids_app.participant.cluster import connect
+        from bids_app.scheduler import connect
 
         client = connect(settings.dask_scheduler)
     reading = Reading(settings.workers, client)

@@ -21,39 +21,14 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from bids_app import logs, progress
-from bids_app.errors import MissingExtraError, UsageError
+from bids_app.errors import UsageError
 from bids_app.outputs.provenance import RunInfo
+from bids_app.scheduler import connect, import_distributed
 from bids_app.settings import Settings, set_thread_environment
 
 log = logging.getLogger(__name__)
 
-EXTRA = "pip install 'mninorm[dask]'"
-_CONNECT_SECONDS = 30
 _PARENT_CHECK_SECONDS = 1.0
-
-
-def import_distributed():
-    try:
-        import distributed
-    except ImportError as err:
-        raise MissingExtraError(
-            f"--dask-scheduler needs Dask's distributed scheduler, which is not installed: {EXTRA} "
-            "(the 'dask' extra: dask[distributed] and dask-jobqueue)"
-        ) from err
-    return distributed
-
-
-def connect(address: str):
-    """A client of the scheduler at ``address``; a clear error when there is none."""
-    distributed = import_distributed()
-    try:
-        return distributed.Client(address, timeout=_CONNECT_SECONDS)
-    except (OSError, TimeoutError) as err:
-        raise UsageError(
-            f"no Dask scheduler answered at {address} within {_CONNECT_SECONDS} s ({err}): start "
-            "one (`dask scheduler`, or a dask-jobqueue cluster; see docs/scale.md) and give its "
-            "address, e.g. tcp://10.0.0.5:8786"
-        ) from err
 
 
 def run_on_cluster(
