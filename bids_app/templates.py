@@ -396,6 +396,8 @@ def _check_custom_pair(t1w_path: Path, mask_path: Path) -> tuple[float, float, f
     import nibabel as nib
     import numpy as np
 
+    from bids_app.measures.maskcheck import binary_problem
+
     for path in (t1w_path, mask_path):
         if path.stat().st_size == 0:
             raise TemplateError(
@@ -414,14 +416,13 @@ def _check_custom_pair(t1w_path: Path, mask_path: Path) -> tuple[float, float, f
             f"{mask.shape}, or different affines): resample the mask onto the T1w's grid "
             "(nearest neighbour)"
         )
-    values = np.unique(mask_data)
-    if not np.all(np.isin(values, (0, 1))):
-        raise TemplateError(
-            f"{mask_path} is not a binary mask (values {values[:5].tolist()}...): threshold it "
-            "to 0/1 (e.g. probability > 0.5)"
-        )
-    if not values.max(initial=0) > 0:
+    problem = binary_problem(mask_data)
+    if problem == "empty":
         raise TemplateError(f"{mask_path} is empty: it must mark the template's brain with 1")
+    if problem:
+        raise TemplateError(
+            f"{mask_path} is {problem}: a mask must be 0/1; threshold it (e.g. probability > 0.5)"
+        )
     return tuple(float(z) for z in t1w.header.get_zooms()[:3])
 
 

@@ -254,7 +254,7 @@ def _rewrite_mask(folder: Path, change) -> None:
         (lambda f: _rewrite_mask(f, lambda d, a: (d[1:], a)), "not on the grid"),
         (lambda f: _rewrite_mask(f, lambda d, a: (d, a @ np.diag([1, 1, 1.1, 1]))),
          "not on the grid"),
-        (lambda f: _rewrite_mask(f, lambda d, a: (d * 0.7, a)), "not a binary mask"),
+        (lambda f: _rewrite_mask(f, lambda d, a: (d * 0.7, a)), "is not binary"),
         (lambda f: _rewrite_mask(f, lambda d, a: (d * 0, a)), "is empty"),
         (lambda f: (f / "tpl-MIITRA_T1w.nii.gz").rename(f / "tpl-MIITRA_res-01_T1w.nii.gz"),
          "with the same res-"),

@@ -6,7 +6,6 @@ who enters the maps) -> ``design`` (groups from participants.tsv) -> ``maps`` (m
 maps) -> ``report`` (group.html); ``run`` strings them together.
 """
 
-
 __all__ = ["GroupOutcome", "GroupSettings", "run_group"]
 
 

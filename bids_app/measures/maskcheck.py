@@ -54,6 +54,17 @@ class MaskCheck:
     sector_coverage: dict  # sector name -> coverage
 
 
+def binary_problem(data: np.ndarray) -> str | None:
+    """Why ``data`` is not a usable 0/1 mask ("not binary (values ...)" or "empty"), or None;
+    the caller names the file and the fix."""
+    values = np.unique(data[np.isfinite(data)])
+    if not np.all(np.isin(values, (0, 1))):
+        return f"not binary (values {values[:5].tolist()}...)"
+    if not values.max(initial=0) > 0:
+        return "empty"
+    return None
+
+
 def mask_problems(check: MaskCheck) -> list[str]:
     """What is wrong with a mask, in words (empty when it passes every limit)."""
     problems = []

@@ -61,7 +61,7 @@ def collect_t1w(
     _check_dataset(bids_dir)
     wanted = requested_subjects(bids_dir, participant_labels)
     layout = open_layout(bids_dir, wanted, validate, database_dir)
-    subjects = _select_subjects(layout, participant_labels, bids_dir)
+    subjects = _select_subjects(layout, wanted, bids_dir)
     query = {**T1W_QUERY, **_pybids_filters(filters or {})}
     if session_labels:
         query["session"] = [strip_prefix(s, "ses-") for s in session_labels]
@@ -100,20 +100,15 @@ def _check_dataset(bids_dir: Path) -> None:
         )
 
 
-def _select_subjects(layout, labels: tuple[str, ...], bids_dir: Path) -> list[str]:
+def _select_subjects(layout, wanted: tuple[str, ...] | None, bids_dir: Path) -> list[str]:
+    """The requested participants (their folders checked by ``requested_subjects``), or every
+    participant pybids indexed; one without T1w is then reported as such, not as unknown."""
+    if wanted is not None:
+        return list(wanted)
     existing = sorted(layout.get_subjects())
     if not existing:
         raise NothingMatchedError(f"{bids_dir} has no participants (no sub-* folders with data)")
-    if not labels:
-        return existing
-    wanted = list(dict.fromkeys(strip_prefix(label, "sub-") for label in labels))
-    unknown = [label for label in wanted if label not in existing]
-    if unknown:
-        raise NothingMatchedError(
-            f"participant label(s) {', '.join(unknown)} not found in {bids_dir}; "
-            f"the participants there are: {', '.join(existing)}"
-        )
-    return wanted
+    return existing
 
 
 def _pybids_filters(filters: dict) -> dict:

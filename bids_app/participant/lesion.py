@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_app.errors import ImageError
+from bids_app.measures.maskcheck import binary_problem
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,14 @@ def load_lesion(path: Path, relpath: str, t1w_img) -> Lesion:
     data = np.squeeze(data)
     if data.ndim != 3:
         raise ImageError(f"lesion mask {path} must be a 3D image (shape {data.shape})")
-    values = np.unique(data[np.isfinite(data)])
-    if not np.all(np.isin(values, (0, 1))):
-        raise ImageError(
-            f"lesion mask {path} is not binary (values {values[:5].tolist()}...): it must be 0 "
-            "outside the lesion and 1 inside (threshold a probability map first)"
-        )
-    if not values.max(initial=0) > 0:
+    problem = binary_problem(data)
+    if problem == "empty":
         raise ImageError(f"lesion mask {path} is empty: remove it, or draw the lesion with 1")
+    if problem:
+        raise ImageError(
+            f"lesion mask {path} is {problem}: it must be 0 outside the lesion and 1 inside "
+            "(threshold a probability map first)"
+        )
     img = nib.Nifti1Image(data.astype(np.uint8), img.affine)
     same_grid = img.shape == t1w_img.shape[:3] and np.allclose(
         img.affine, t1w_img.affine, atol=1e-3
