@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, for points and vectors alike (its own inverse)
+from bids_app.transforms.orientation import LPS_RAS, lps_ras_affine
 
 
 def main(argv: list[str]) -> int:
@@ -134,9 +134,7 @@ def write_itk_affine(affine_ras: np.ndarray, path: Path) -> None:
     """A 4x4 RAS point map as an ITK AffineTransform file (LPS)."""
     import ants
 
-    lps = np.eye(4)
-    lps[:3, :3] = LPS @ affine_ras[:3, :3] @ LPS
-    lps[:3, 3] = LPS @ affine_ras[:3, 3]
+    lps = lps_ras_affine(affine_ras)
     transform = ants.create_ants_transform(
         transform_type="AffineTransform", dimension=3, matrix=lps[:3, :3],
         translation=lps[:3, 3], center=np.zeros(3),
@@ -176,10 +174,10 @@ def write_displacement_field(field_ras: np.ndarray, origin_ras, spacing: float, 
     import ants
 
     image = ants.from_numpy(
-        (field_ras @ LPS).astype(np.float32),
-        origin=tuple(LPS @ np.asarray(origin_ras, float)),
+        (field_ras @ LPS_RAS).astype(np.float32),
+        origin=tuple(LPS_RAS @ np.asarray(origin_ras, float)),
         spacing=(spacing,) * 3,
-        direction=LPS,
+        direction=LPS_RAS,
         has_components=True,
     )
     ants.image_write(image, str(path))

@@ -14,9 +14,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-log = logging.getLogger(__name__)
+from bids_app.transforms.orientation import LPS_RAS
 
-LPS = np.diag([-1.0, -1.0, 1.0])
+log = logging.getLogger(__name__)
 
 
 # ---- landmarks ----------------------------------------------------------------------------------
@@ -41,11 +41,11 @@ def map_points(transforms: list[str], points_ras: np.ndarray) -> np.ndarray:
     import ants
     import pandas as pd
 
-    lps = np.asarray(points_ras, float) @ LPS
+    lps = np.asarray(points_ras, float) @ LPS_RAS
     table = pd.DataFrame({"x": lps[:, 0], "y": lps[:, 1], "z": lps[:, 2]})
     # Never let ANTsPy guess inversions ([.mat, warp] lists default to inverting the matrix).
     mapped = ants.apply_transforms_to_points(3, table, transforms, [False] * len(transforms))
-    return mapped[["x", "y", "z"]].to_numpy(float) @ LPS
+    return mapped[["x", "y", "z"]].to_numpy(float) @ LPS_RAS
 
 
 def score_landmarks(transforms: list[str], landmarks: Path) -> LandmarkErrors:
@@ -89,7 +89,7 @@ def read_displacement_field(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """An ITK displacement field file -> (RAS vectors (X, Y, Z, 3), voxel -> RAS affine)."""
     image = nib.load(path)
     vectors = np.asarray(image.dataobj, dtype=np.float64).reshape(*image.shape[:3], 3)
-    return vectors @ LPS, image.affine
+    return vectors @ LPS_RAS, image.affine
 
 
 def score_folding(transforms: list[str], fixed: Path, fixed_mask: Path, work: Path) -> Folding:
