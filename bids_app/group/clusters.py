@@ -10,6 +10,10 @@ nearest atlas voxel, so the atlas may be on any grid of the same template space.
 Labels files: a BIDS ``dseg.tsv`` (columns ``index`` and ``name``), or lines ``INDEX NAME ...``
 (e.g. AAL's ``aal.nii.txt``). Without ``:LABELS``, ``FILE``'s ``.tsv`` or ``.txt`` sibling is
 used if there is one (``atlas.nii.gz`` -> ``atlas.tsv``, ``atlas.nii.txt`` or ``atlas.txt``).
+
+``--atlas atlas-<Name>[_desc-<label>]`` (BIDS entities, no extension: never a file name) is a
+TemplateFlow atlas instead, in each group space's template (``templates.fetch_atlas``: its
+``dseg`` image on the nearest grid TemplateFlow has, and its ``dseg.tsv``).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Atlas:
     data: np.ndarray = field(compare=False, hash=False, repr=False)
     affine: np.ndarray = field(compare=False, hash=False, repr=False)
     names: dict = field(compare=False, hash=False, repr=False)  # index -> name
+    templateflow_id: str | None = None  # atlas-<Name>[_desc-...] when TemplateFlow's
 
     def label_at(self, world_mm) -> str:
         ijk = np.rint(np.linalg.inv(self.affine) @ np.append(np.asarray(world_mm, float), 1.0))
@@ -75,6 +80,7 @@ class Atlas:
 
     def record(self) -> dict:
         return {
+            **({"TemplateFlowAtlas": self.templateflow_id} if self.templateflow_id else {}),
             "File": str(self.path),
             "Labels": str(self.labels_path) if self.labels_path else None,
             "Lookup": "nearest atlas voxel to the peak's world coordinate",
@@ -116,17 +122,47 @@ def parse_atlas_argument(text: str) -> tuple[Path, Path | None]:
     return Path(image), Path(labels) if labels else None
 
 
-def load_atlas(text: str) -> Atlas:
-    import nibabel as nib
+def load_atlases(text: str, spaces) -> dict:
+    """OutputSpace -> Atlas for each of ``spaces``: one image for all (``FILE[:LABELS]``), or a
+    TemplateFlow atlas id found in each space's template."""
+    from bids_app.templates import is_atlas_id
 
+    if not is_atlas_id(text):
+        atlas = load_atlas(text)
+        return {space: atlas for space in spaces}
+    return {space: load_templateflow_atlas(text, space) for space in spaces}
+
+
+def load_templateflow_atlas(identifier: str, space) -> Atlas:
+    """The TemplateFlow atlas ``identifier`` in ``space``'s template (an ``OutputSpace``)."""
+    from dataclasses import replace
+
+    from bids_app.templates import fetch_atlas
+
+    if space.folder is not None:
+        raise UsageError(
+            f"--atlas {identifier}: {space} is a custom template folder, not a TemplateFlow "
+            "template; give an atlas image in its space: --atlas FILE[:LABELS.tsv]"
+        )
+    found = fetch_atlas(identifier, space.template, space.resolution, space.cohort)
+    return replace(_read_atlas(found.dseg_path, found.labels_path), templateflow_id=identifier)
+
+
+def load_atlas(text: str) -> Atlas:
     image, labels = parse_atlas_argument(text)
     if not image.is_file():
         raise MissingInputError(
-            f"--atlas: {image} does not exist; give a template-space atlas image"
+            f"--atlas: {image} does not exist; give a template-space atlas image (or a "
+            "TemplateFlow atlas id, atlas-<Name>[_desc-<label>])"
         )
     if labels is not None and not labels.is_file():
         raise MissingInputError(f"--atlas: the labels file {labels} does not exist")
-    labels = labels or _sibling_labels(image)
+    return _read_atlas(image, labels or _sibling_labels(image))
+
+
+def _read_atlas(image: Path, labels: Path | None) -> Atlas:
+    import nibabel as nib
+
     try:
         img = nib.load(str(image))
         data = np.asarray(img.dataobj)
