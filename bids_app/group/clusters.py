@@ -3,9 +3,8 @@
 A cluster is a 26-connected set of significant voxels whose effects share a sign (an increase
 next to a decrease is two findings; an F test has no direction, so its clusters are the
 significant voxels' components, ``sign`` n/a). Its peak is its voxel of largest |t| (or F); the
-peak's label is
-read from a template-space atlas (``--atlas FILE[:LABELS]``) at the peak's world coordinate,
-nearest atlas voxel, so the atlas may be on any grid of the same template space.
+peak's label is read from a template-space atlas (``--atlas FILE[:LABELS]``) at the peak's world
+coordinate, nearest atlas voxel, so the atlas may be on any grid of the same template space.
 
 Labels files: a BIDS ``dseg.tsv`` (columns ``index`` and ``name``), or lines ``INDEX NAME ...``
 (e.g. AAL's ``aal.nii.txt``). Without ``:LABELS``, ``FILE``'s ``.tsv`` or ``.txt`` sibling is

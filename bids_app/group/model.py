@@ -37,7 +37,7 @@ class ModelSpec:
     n_permutations: int = DEFAULT_PERMUTATIONS  # 0: parametric maps only
     tfce: bool = True  # threshold-free cluster enhancement (besides voxel-wise max-t)
     seed: int = DEFAULT_SEED
-    atlas: str | None = None  # FILE[:LABELS], or a TemplateFlow atlas id (atlas-<Name>[_desc-...])
+    atlas: str | None = None  # FILE[:LABELS], or a TemplateFlow id atlas-<Name>[_desc-..]
     n_jobs: int = 1  # processes for the permutations
     jacobians: tuple[str, ...] = ()  # the log-Jacobians modelled; (): both (total, nonlinear)
 
