@@ -197,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "enhancement (TFCE is on by default whenever there are permutations)",
     )  # fmt: skip
     group.add_argument(
-        "--atlas", metavar="FILE[:LABELS]",
+        "--atlas", metavar="FILE[:LABELS] or atlas-NAME[_desc-LABEL]",
         help="group level: a template-space atlas image (and its labels, a TSV with index and "
-        "name, or 'INDEX NAME' lines) naming the peaks of the results table",
+        "name, or 'INDEX NAME' lines) naming the peaks of the results table; or a TemplateFlow "
+        "atlas id in BIDS-entity form (e.g. atlas-Schaefer2018_desc-400Parcels7Networks), "
+        "taken in each group space's template (its dseg image on the nearest grid, and its "
+        "dseg.tsv)",
     )  # fmt: skip
 
     run.add_argument(

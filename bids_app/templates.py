@@ -14,6 +14,7 @@ finest grid available.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -436,3 +437,152 @@ def _custom_metadata(folder: Path) -> dict:
         log.warning("%s unreadable (%s): the template's name and references are left out",
                     description, err)  # fmt: skip
         return {}
+
+
+# ---- TemplateFlow atlases (the group level's --atlas atlas-<Name>[_desc-<label>...]) ----------
+
+# The entities an atlas id may carry, as they appear in TemplateFlow's file names -> the client's
+# keyword (its config calls seg- "segmentation")
+_ATLAS_ENTITIES = {"atlas": "atlas", "desc": "desc", "seg": "segmentation", "scale": "scale",
+                   "hemi": "hemi", "label": "label", "roi": "roi"}  # fmt: skip
+_ATLAS_ID = re.compile(r"^atlas-[A-Za-z0-9]+(?:_(?:desc|seg|scale|hemi|label|roi)-[A-Za-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class AtlasFiles:
+    """A TemplateFlow atlas (``suffix-dseg``) of one template, on the grid nearest the asked one."""
+
+    identifier: str  # as given: atlas-Schaefer2018_desc-400Parcels7Networks
+    template: str
+    resolution: int | None  # the dseg image's res- (None: no res- entity)
+    dseg_path: Path
+    labels_path: Path | None  # its dseg.tsv (None: TemplateFlow has none for it)
+
+
+def is_atlas_id(text: str) -> bool:
+    """``atlas-<Name>[_desc-<label>...]``: BIDS entities, never a file name (no extension)."""
+    return bool(_ATLAS_ID.match(text))
+
+
+def atlas_entities(identifier: str) -> dict[str, str]:
+    """'atlas-Schaefer2018_desc-400Parcels7Networks' -> {'atlas': ..., 'desc': ...}."""
+    return dict(part.split("-", 1) for part in identifier.split("_"))
+
+
+def fetch_atlas(
+    identifier: str, template: str, resolution: int | None = None, cohort: str | None = None
+) -> AtlasFiles:
+    """The dseg image of a TemplateFlow atlas in ``template`` on ``res-<resolution>`` or, when
+    TemplateFlow has the atlas on other grids only, the nearest one (None: res-1 is the target),
+    and its ``.tsv`` labels from the same template folder; downloaded when TemplateFlow can."""
+    entities = atlas_entities(identifier)
+    found = _atlas_files(template, cohort, entities, "_dseg.nii.gz")
+    if not found:
+        raise _atlas_missing(identifier, template, None, "TemplateFlow has no such atlas for "
+                             f"{_describe(template, cohort)}{_known_atlases(template, cohort)}")
+    res = _nearest_resolution(sorted(found, key=lambda r: (r is None, r or 0)), resolution,
+                              _zooms_by_resolution(_metadata(template)))  # fmt: skip
+    if resolution is not None and res != resolution:
+        log.warning("--atlas %s: %s has it on %s, not res-%s: labels are read at the nearest "
+                    "atlas voxel of each peak", identifier, _describe(template, cohort),
+                    "its single grid" if res is None else f"res-{res}", resolution)  # fmt: skip
+    dseg = _get_atlas_file(identifier, template, cohort, res, entities, found[res])
+    tables = _atlas_files(template, cohort, entities, "_dseg.tsv")
+    labels = None
+    if tables:  # the table of the same grid, else the one without res-, else any
+        table_res = res if res in tables else None if None in tables else sorted(
+            tables, key=lambda r: (r is None, r or 0))[0]  # fmt: skip
+        labels = _get_atlas_file(identifier, template, cohort, table_res, entities,
+                                 tables[table_res])  # fmt: skip
+    else:
+        log.warning("--atlas %s: TemplateFlow has no dseg.tsv for it: the table gives label "
+                    "numbers, not names", identifier)  # fmt: skip
+    return AtlasFiles(identifier, template, res, dseg, labels)
+
+
+def _atlas_files(template, cohort, entities: dict, ending: str) -> dict[int | None, str]:
+    """resolution -> file name, where TemplateFlow (its catalogue, or the local copy) has the
+    atlas's file ending in ``ending`` (``_dseg.nii.gz``, ``_dseg.tsv``)."""
+    from templateflow import api
+
+    names = [Path(p).name for p in templateflow_catalogue() if p.startswith(f"tpl-{template}/")]
+    query = {_ATLAS_ENTITIES[k]: v for k, v in entities.items()}
+    suffix, extension = ending[1:].split(".", 1)
+    with contextlib.suppress(Exception):  # a template absent here: the catalogue decides
+        local = api.ls(template, suffix=suffix, extension=f".{extension}", **query) or []
+        names += [Path(p).name for p in local]
+    found = {}
+    for name in names:
+        parsed = _entities(name, ending)
+        if parsed is None or parsed.get("cohort") != cohort:
+            continue
+        if {k: v for k, v in parsed.items() if k not in ("cohort", "res")} == entities:
+            found[_resolution_of(name)] = name
+    return found
+
+
+def _nearest_resolution(available, resolution, zooms: dict) -> int | None:
+    """``resolution`` if available, else the grid whose voxel size is nearest its (by res index
+    when TemplateFlow's metadata gives no sizes)."""
+    target = 1 if resolution is None else resolution
+    if target in available:
+        return target
+
+    def size(res):
+        if res is None:
+            return zooms.get(1, 1.0)  # a single grid: as fine as the reference grid, or 1 mm
+        return zooms.get(res, float(res))
+
+    return min(available, key=lambda res: (abs(size(res) - size(target)), size(res)))
+
+
+def _get_atlas_file(identifier, template, cohort, res, entities, filename) -> Path:
+    """The local copy of ``filename`` (downloaded first when TemplateFlow can)."""
+    from templateflow import api
+
+    query = {_ATLAS_ENTITIES[k]: v for k, v in entities.items()}
+    extension = ".tsv" if filename.endswith(".tsv") else ".nii.gz"
+    query.update(suffix="dseg", extension=extension, resolution=res)
+    if cohort is not None:
+        query["cohort"] = cohort
+    try:
+        found = api.get(template, **query)
+    except Exception as err:  # requests/OSError/RuntimeError from a download attempt offline
+        reason = f"the download failed ({type(err).__name__})"
+        raise _atlas_missing(identifier, template, filename, reason, query) from err
+    paths = [found] if isinstance(found, (str, Path)) else list(found)
+    paths = [Path(p) for p in paths if Path(p).is_file() and Path(p).stat().st_size > 0]
+    if len(paths) != 1:
+        reason = "it is not in TemplateFlow's local copy"
+        raise _atlas_missing(identifier, template, filename, reason, query)
+    return paths[0]
+
+
+def _atlas_missing(identifier, template, filename, reason, query=None):
+    home = templateflow_home()
+    if query is None:
+        return TemplateUnavailableError(
+            f"--atlas {identifier}: {reason}. Check the id (atlas-<Name>[_desc-<label>], as in "
+            f"TemplateFlow's file names under tpl-{template}/) or give an atlas image: --atlas "
+            "FILE[:LABELS.tsv]"
+        )
+    arguments = ", ".join([repr(template), *(f"{k}={v!r}" for k, v in query.items())])
+    return TemplateUnavailableError(
+        f"--atlas {identifier}: tpl-{template}/{filename} is not under "
+        f"TEMPLATEFLOW_HOME={home}: {reason}. Fetch it on a machine with internet access, e.g. "
+        f'`TEMPLATEFLOW_HOME={home} python -c "import templateflow.api as t; t.get({arguments})"`'
+        ", then copy that folder here (or point TEMPLATEFLOW_HOME at a folder that has it)"
+    )
+
+
+def _known_atlases(template, cohort) -> str:
+    """' (it has: atlas-A, atlas-B_desc-x ...)', from TemplateFlow's file names."""
+    ids = set()
+    for path in templateflow_catalogue():
+        name = Path(path).name
+        if not path.startswith(f"tpl-{template}/") or not name.endswith("_dseg.nii.gz"):
+            continue
+        parsed = _entities(name, "_dseg.nii.gz")
+        if parsed and "atlas" in parsed and parsed.get("cohort") == cohort:
+            ids.add("_".join(f"{k}-{v}" for k, v in parsed.items() if k not in ("cohort", "res")))
+    return f" (it has: {', '.join(sorted(ids))})" if ids else " (it has no dseg atlas)"

@@ -287,12 +287,41 @@ def test_three_groups_give_the_models_f_map_equal_to_scipys_anova(tmp_path, grid
     logjacs = {k: noise(grid, rng) for k in groups}
     write_participants(tmp_path / "out", grid, logjacs)
     run(tmp_path / "out", write_bids(tmp_path / "bids", "site", groups), "site", fetch,
-        smoothing_fwhm=0.0)  # fmt: skip
+        smoothing_fwhm=0.0, n_permutations=0)  # fmt: skip
     f = model_map(tmp_path / "out", "model_F", "site")
     brain = load(drv.group_space_path(tmp_path / "out", "brain_probseg", LABEL)) >= 0.5
     samples = [np.stack([logjacs[k] for k in groups if groups[k] == g])[:, brain] for g in "ABC"]
     assert np.allclose(f[brain], stats.f_oneway(*samples, axis=0).statistic, rtol=1e-4)
-    assert not list(drv.group_dir(tmp_path / "out").glob("*logpFWE*"))  # no permutations for F
+    assert not list(drv.group_dir(tmp_path / "out").glob("*logpFWE*"))  # no permutations asked
+
+
+def test_a_planted_three_group_effect_gets_fwe_maps_and_an_f_results_table(tmp_path, grid,
+                                                                           fetch):  # fmt: skip
+    """Site C has the bump: the F model's permutations find it, peak within one voxel."""
+    rng = np.random.default_rng(8)
+    bump = blob(grid, CENTRE_MM, 14.0)
+    groups = {f"{i:02d}": "ABC"[(i - 1) % 3] for i in range(1, 19)}
+    logjacs = {k: noise(grid, rng) + 0.2 * bump * (groups[k] == "C") for k in groups}
+    write_participants(tmp_path / "out", grid, logjacs)
+    run(tmp_path / "out", write_bids(tmp_path / "bids", "site", groups), "site", fetch,
+        smoothing_fwhm=6.0, tfce=True)  # fmt: skip
+    out, truth = tmp_path / "out", np.unravel_index(np.argmax(bump), bump.shape)
+    for correction in ("voxel", "tfce"):
+        found = [r for r in clusters(out, "site") if r["correction"] == correction]
+        assert found and found[0]["sign"] == "n/a" and found[0]["peak_effect"] == "n/a"
+        peak = np.rint(np.linalg.inv(grid.affine) @ [*(float(found[0][f"peak_{a}_mm"])
+                                                       for a in "xyz"), 1])[:3]  # fmt: skip
+        assert np.abs(peak - truth).max() <= 1, (correction, peak, truth)
+        assert float(found[0]["peak_F"]) > 0
+    assert model_map(out, "model_logp_tfce_fwe", "site")[truth] > FWE
+    assert model_map(out, "model_tfce", "site").min() >= 0  # F: one-sided
+    path = drv.group_space_path(out, "model_logp_fwe", LABEL, "total", "site")
+    sidecar = json.loads(drv.sidecar_path(path).read_text())
+    assert sidecar["Permutations"]["Count"] == 100 and sidecar["Permutations"]["TFCE"]
+    assert sidecar["Permutations"]["TFCEParameters"]["Map"] == "sqrt(F)"
+    assert "one-sided" in sidecar["Permutations"]["Method"]
+    page = (out / "group.html").read_text()
+    assert "peak_F" in page and "max-F" in page
 
 
 def test_the_model_leaves_out_the_voxels_a_participants_lesion_covers(tmp_path, grid, fetch):

@@ -99,13 +99,17 @@ def other_home(templateflow_home, tmp_path_factory) -> Path:
     return home
 
 
-def _in_home(home: Path, code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``code`` in a child process whose TEMPLATEFLOW_HOME is ``home`` (offline)."""
+def _in_home(
+    home: Path, code: str, timeout: int = 300, proxy: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child process whose TEMPLATEFLOW_HOME is ``home`` (offline); ``proxy``:
+    every HTTP(S) request goes there (a closed port: downloads fail at once)."""
     env = {
         **os.environ,
         "TEMPLATEFLOW_HOME": str(home),
         "TEMPLATEFLOW_AUTOUPDATE": "0",
         "PYTHONPATH": os.pathsep.join([str(PROJECT), str(TESTS)]),
+        **({"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "NO_PROXY": ""} if proxy else {}),
     }
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
@@ -433,3 +437,109 @@ def test_a_custom_folder_that_is_not_there_is_an_error_not_a_templateflow_lookal
     space = parse_output_space(str(tmp_path / "tpl-MNI305"))  # TemplateFlow has an MNI305
     with pytest.raises(TemplateUnavailableError, match="does not exist"):
         space.find_grid(fetch_template)
+
+
+# ---- TemplateFlow atlases (--atlas atlas-<Name>[_desc-<label>]) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "is_id"),
+    [("atlas-Schaefer2018_desc-400Parcels7Networks", True), ("atlas-AAL", True),
+     ("atlas-HOCPA_desc-th25", True), ("atlas-Tiny_seg-x_scale-2", True),
+     ("atlas.nii.gz", False), ("/data/atlas-AAL_dseg.nii.gz", False),
+     ("atlas-AAL.nii.gz:labels.tsv", False), ("tpl-X_atlas-Y_dseg.nii.gz", False),
+     ("atlas-AAL_res-2", False)],
+)  # fmt: skip
+def test_an_atlas_id_is_bids_entities_never_a_file(text, is_id):
+    from bids_app.templates import is_atlas_id
+
+    assert is_atlas_id(text) is is_id
+
+
+_ATLAS = """
+import json
+from bids_app.group.clusters import load_atlases
+from bids_app.spaces import OutputSpace
+found = {}
+for key, (identifier, template, res, point) in QUERIES.items():
+    space = OutputSpace(template, res)
+    try:
+        atlas = load_atlases(identifier, [space])[space]
+        found[key] = [atlas.path.name, atlas.labels_path and atlas.labels_path.name,
+                      atlas.label_at(point), atlas.record()]
+    except Exception as err:
+        found[key] = [type(err).__name__, str(err), getattr(err, "exit_code", None)]
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def atlas_home(templateflow_home, tmp_path_factory) -> tuple[Path, list]:
+    """A TemplateFlow folder with the session's template on res-01 and res-02, an atlas on res-02
+    only (label 7 in the left half of the brain, 3 in the right) with its dseg.tsv (no res-, as
+    TemplateFlow stores Schaefer's), and a placeholder (empty file, as TemplateFlow's skeleton)
+    of an atlas not downloaded."""
+    home = tmp_path_factory.mktemp("tf-atlas")
+    folder = home / f"tpl-{TEST_TEMPLATE}"
+    stem = f"tpl-{TEST_TEMPLATE}"
+    for res in (1, 2):
+        _copy_grid(templateflow_home, res, folder, f"{stem}_res-{res:02d}")
+    shutil.copy(templateflow_home / f"tpl-{TEST_TEMPLATE}" / "template_description.json", folder)
+    mask = nib.load(folder / f"{stem}_res-02_desc-brain_mask.nii.gz")
+    world_x = (mask.affine @ np.vstack([np.indices(mask.shape).reshape(3, -1),
+                                        np.ones((1, mask.get_fdata().size))]))[0]  # fmt: skip
+    labels = np.where(world_x.reshape(mask.shape) < 0, 7, 3) * (mask.get_fdata() > 0)
+    nib.Nifti1Image(labels.astype(np.int16), mask.affine).to_filename(
+        folder / f"{stem}_res-02_atlas-Tiny_desc-test_dseg.nii.gz"
+    )
+    (folder / f"{stem}_atlas-Tiny_desc-test_dseg.tsv").write_text(
+        "index\tname\n3\tRight_half\n7\tLeft_half\n"
+    )
+    (folder / f"{stem}_res-02_atlas-Gone_dseg.nii.gz").touch()  # listed, not downloaded
+    inside = np.argwhere(mask.get_fdata() > 0)
+    left = inside[np.argmin(world_x.reshape(mask.shape)[tuple(inside.T)])]
+    point = [float(v) for v in (mask.affine @ np.append(left, 1))[:3]]
+    return home, point
+
+
+@pytest.fixture(scope="module")
+def atlases(atlas_home) -> dict:
+    home, point = atlas_home
+    queries = {
+        "res2": ("atlas-Tiny_desc-test", TEST_TEMPLATE, 2, point),
+        "res1": ("atlas-Tiny_desc-test", TEST_TEMPLATE, 1, point),
+        "registration_grid": ("atlas-Tiny_desc-test", TEST_TEMPLATE, None, point),
+        "unknown": ("atlas-Nothing", TEST_TEMPLATE, 2, point),
+        "offline": ("atlas-Gone", TEST_TEMPLATE, 2, point),
+    }
+    # offline: any download attempt meets a closed port at once (no network wait)
+    proxy = "http://127.0.0.1:9"
+    result = _in_home(home, f"QUERIES = {queries!r}\n{_ATLAS}", proxy=proxy)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_templateflow_atlas_is_found_in_the_spaces_template_with_its_labels(atlases):
+    name, labels, label, record = atlases["res2"]
+    assert name == f"tpl-{TEST_TEMPLATE}_res-02_atlas-Tiny_desc-test_dseg.nii.gz"
+    assert labels == f"tpl-{TEST_TEMPLATE}_atlas-Tiny_desc-test_dseg.tsv"
+    assert label == "Left_half"
+    assert record["TemplateFlowAtlas"] == "atlas-Tiny_desc-test"
+
+
+def test_a_templateflow_atlas_on_another_grid_is_taken_from_the_nearest(atlases):
+    for key in ("res1", "registration_grid"):  # res-01 asked (or implied): only res-02 here
+        name, _, label, _ = atlases[key]
+        assert "_res-02_" in name and label == "Left_half", key
+
+
+def test_a_templateflow_atlas_not_here_is_an_exit_69_error_naming_the_file_and_the_fix(atlases):
+    kind, message, code = atlases["offline"]
+    assert kind == "TemplateUnavailableError" and code == 69
+    assert f"tpl-{TEST_TEMPLATE}/tpl-{TEST_TEMPLATE}_res-02_atlas-Gone_dseg.nii.gz" in message
+    assert "TEMPLATEFLOW_HOME=" in message
+    assert "import templateflow.api as t; t.get(" in message and "atlas='Gone'" in message
+    assert "download failed" in message  # the client tried, met no network: no traceback
+    kind, message, code = atlases["unknown"]
+    assert kind == "TemplateUnavailableError" and code == 69
+    assert "no such atlas" in message and "--atlas FILE" in message

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.ndimage import gaussian_filter
 
 from bids_app.group.inference import fit_glm
@@ -140,3 +141,81 @@ def test_tfce_is_on_by_default_and_no_tfce_turns_it_off(tmp_path):
     assert spec().tfce and spec().n_permutations > 0
     assert not spec("--no-tfce").tfce
     assert not spec("--n-permutations", "0").tfce  # nothing to correct with
+
+
+# ---- F: several tested columns (three or more groups) -----------------------------------------
+
+
+def three_groups(effect, seed, n=18, shape=(12, 12, 10), covariate=False):
+    """n participants' smooth noise in three groups (A, B, C in turn); group C's maps get a
+    Gaussian bump of height ``effect`` (a single peak at ``centre``; ``ball``: within 2.5 voxels).
+    The design: intercept, indicators of B and C (tested), and a nuisance covariate when asked."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones(shape, bool)
+    mask[0], mask[-1] = False, False
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+    centre = np.array([5, 7, 4])
+    distance = np.linalg.norm(grid - centre, axis=-1)
+    ball, bump = distance <= 2.5, np.exp(-(distance**2) / (2 * 2.0**2))
+    group = np.arange(n) % 3
+    maps = []
+    for i in range(n):
+        volume = gaussian_filter(rng.normal(size=shape), 1.0)
+        maps.append((volume / 0.2 + effect * bump * (group[i] == 2))[mask])
+    columns = [np.ones(n), (group == 1).astype(float), (group == 2).astype(float)]
+    if covariate:
+        columns.append(rng.normal(size=n))
+    return np.array(maps), np.column_stack(columns), mask, ball, group, centre
+
+
+def test_the_observed_f_equals_the_glm_f_and_scipys_one_way_anova():
+    data, matrix, _, _, group, _ = three_groups(0.5, seed=8)
+    null = permutation_test(data, matrix, (1, 2), 10, seed=0)
+    np.testing.assert_allclose(null.t, fit_glm(data, matrix, (1, 2)).statistic, rtol=1e-8)
+    anova = stats.f_oneway(*(data[group == g] for g in range(3)), axis=0).statistic
+    np.testing.assert_allclose(null.t, anova, rtol=1e-8)
+    assert (null.max_t >= 0).all() and null.max_t.shape == (10,)
+
+
+def test_the_observed_f_with_a_covariate_equals_the_glm_f():
+    data, matrix, _, _, _, _ = three_groups(0.5, seed=9, covariate=True)
+    data = data + 0.7 * matrix[:, 3:4]  # the covariate carries an effect of its own
+    null = permutation_test(data, matrix, (1, 2), 10, seed=0)
+    np.testing.assert_allclose(null.t, fit_glm(data, matrix, (1, 2)).statistic, rtol=1e-8)
+
+
+def test_one_tested_column_is_a_t_whose_square_is_the_f_of_that_column():
+    data, matrix, _, _, _, _ = three_groups(0.5, seed=10, covariate=True)
+    t = permutation_test(data, matrix, 2, 5, seed=0).t
+    np.testing.assert_allclose(t, fit_glm(data, matrix, (2,)).statistic, rtol=1e-8)
+    assert (t < 0).any() and (t > 0).any()  # the sign is kept
+
+
+def test_a_planted_three_group_effect_is_found_with_its_peak_within_one_voxel():
+    data, matrix, mask, ball, _, centre = three_groups(3.0, seed=11)
+    null = permutation_test(data, matrix, (1, 2), 200, seed=1, mask=mask)
+    ijk = np.argwhere(mask)
+    # voxel-wise max-F finds the bump's top; TFCE most of it
+    for logp, score, share in ((null.logp_fwe(), null.t, 0.1),
+                               (null.logp_tfce_fwe(), null.tfce, 0.5)):  # fmt: skip
+        assert (logp[ball[mask]] > FWE).mean() > share
+        peak = ijk[np.argmax(np.where(logp > FWE, score, -np.inf))]
+        assert np.abs(peak - centre).max() <= 1, peak
+    assert (null.tfce >= 0).all()  # one-sided
+
+
+def test_a_null_three_group_cohort_gives_no_fwe_significant_voxel():
+    data, matrix, mask, _, _, _ = three_groups(0.0, seed=12)
+    null = permutation_test(data, matrix, (1, 2), 200, seed=2, mask=mask)
+    assert null.logp_fwe().max() < FWE
+    assert null.logp_tfce_fwe().max() < FWE
+
+
+def test_f_permutations_do_not_depend_on_the_processes():
+    data, matrix, mask, _, _, _ = three_groups(0.8, seed=13, covariate=True)
+    one = permutation_test(data, matrix, (1, 2), 40, seed=7, mask=mask, n_jobs=1)
+    two = permutation_test(data, matrix, (1, 2), 40, seed=7, mask=mask, n_jobs=2)
+    np.testing.assert_allclose(one.max_t, two.max_t, rtol=1e-12)
+    np.testing.assert_allclose(one.max_tfce, two.max_tfce, rtol=1e-12)
+    np.testing.assert_array_equal(one.logp_fwe(), two.logp_fwe())
+    np.testing.assert_array_equal(one.logp_tfce_fwe(), two.logp_tfce_fwe())

@@ -4,8 +4,8 @@ For each log-Jacobian (total, nonlinear): every participant's map (the mean of t
 space) is smoothed inside the analysis mask, the general linear model of ``model.py`` is fitted
 voxel by voxel, and the tested effect is assessed three ways: parametric (uncorrected), and
 family-wise error corrected by permutations (``tfce.py``: Freedman-Lane as nilearn's
-``permuted_ols``, max-type over the mask), voxel-wise on t and with threshold-free cluster
-enhancement (TFCE, on by default).
+``permuted_ols``, max-type over the mask), voxel-wise on t (or F, three or more groups) and with
+threshold-free cluster enhancement (TFCE, on by default; of sqrt(F) for F).
 
 Smoothing inside the brain: the data times the mask and the mask are smoothed alike and divided,
 so voxels near the edge are averages of brain voxels only (no dilution by the zeros outside).
@@ -48,7 +48,7 @@ class Fit:
 
 @dataclass(frozen=True)
 class Permutations:
-    logp_fwe: np.ndarray  # voxel-wise max-t FWE, -log10 p
+    logp_fwe: np.ndarray  # voxel-wise max-t (or max-F) FWE, -log10 p
     tfce: np.ndarray | None = None
     logp_tfce_fwe: np.ndarray | None = None
     seconds: float = 0.0
@@ -127,10 +127,12 @@ def fit_glm(data: np.ndarray, matrix: np.ndarray, tested: tuple[int, ...]) -> Fi
 
 
 def permute(
-    data: np.ndarray, matrix: np.ndarray, column: int, mask: np.ndarray, affine, spec: ModelSpec
-) -> Permutations:
-    """Permutation FWE p values of one tested column (two-sided; ``tfce.permutation_test``:
-    Freedman-Lane, max-statistic, TFCE on the mask's bounding box when ``spec.tfce``)."""
+    data: np.ndarray, matrix: np.ndarray, column: int | tuple[int, ...], mask: np.ndarray, affine,
+    spec: ModelSpec,
+) -> Permutations:  # fmt: skip
+    """Permutation FWE p values of one tested column (two-sided t) or several (F;
+    ``tfce.permutation_test``: Freedman-Lane, max-statistic, TFCE on the mask's bounding box when
+    ``spec.tfce``)."""
     from bids_app.group.tfce import permutation_test
 
     require_stats_extra()
@@ -250,15 +252,15 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
           f"distribution{', two-sided' if model.statistic == 't' else ''}), of {what}.",
           Statistic="-log10 p", MultipleComparisonCorrection="none")  # fmt: skip
     permutations = None
-    if model.statistic == "t" and spec.n_permutations > 0:
-        permutations = permute(data, model.matrix, model.tested[0], mask, grid.affine, spec)
+    if spec.n_permutations > 0:
+        permutations = permute(data, model.matrix, model.tested, mask, grid.affine, spec)
         correction = {"PermutationSeconds": round(permutations.seconds, 1)}
         write(
             "model_logp_fwe",
             permutations.logp_fwe,
             "-log10 p, family-wise error corrected "
-            f"over the analysis mask by the maximum |t| of {spec.n_permutations} permutations "
-            f"(two-sided), of {what}.",
+            f"over the analysis mask by the maximum {_max_words(model)} of {spec.n_permutations} "
+            f"permutations ({_sides(model)}), of {what}.",
             Statistic="-log10 p",
             MultipleComparisonCorrection="FWE, voxel-wise (max-statistic)",
             **correction,
@@ -268,7 +270,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
                 "model_tfce",
                 permutations.tfce,
                 "Threshold-free cluster enhancement (E 0.5, H 2, height step "
-                f"{TFCE_STEP:g}, 6-connectivity) of the t map of {what}.",
+                f"{TFCE_STEP:g}, 6-connectivity) of the {_tfce_input(model)} map of {what}.",
                 Statistic="TFCE",
             )
             write(
@@ -276,7 +278,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
                 permutations.logp_tfce_fwe,
                 "-log10 p, family-wise "
                 "error corrected over the analysis mask by the maximum TFCE of "
-                f"{spec.n_permutations} permutations (two-sided), of {what}.",
+                f"{spec.n_permutations} permutations ({_sides(model)}), of {what}.",
                 Statistic="-log10 p",
                 MultipleComparisonCorrection="FWE, TFCE",
                 **correction,
@@ -287,6 +289,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
     clusters = ()
     if permutations is not None:
         maps = {"voxel": permutations.logp_fwe, "tfce": permutations.logp_tfce_fwe}
+        effect = None if fit.effect is None else volume(fit.effect)  # F: no direction
         clusters = tuple(
             cluster
             for correction, logp in maps.items()
@@ -295,17 +298,19 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
                 volume(logp) > fwe_threshold(),
                 volume(fit.statistic),
                 volume(logp),
-                volume(fit.effect),
+                effect,
                 grid.affine,
                 atlas,
                 correction,
             )  # fmt: skip
         )
         table = drv.group_space_path(output_dir, "model_clusters", label, jacobian, contrast)
-        write_clusters(table, clusters, {
+        write_clusters(table, clusters, model.statistic, {
             **sidecar, "Description": f"Clusters of voxels with FWE-corrected p < {FWE_ALPHA} "
-            f"(voxel-wise max-t{' and TFCE' if permutations.tfce is not None else ''}) in {what}, "
-            "26-connected, positive and negative effects apart; peak = largest |t|.",
+            f"(voxel-wise max-{model.statistic}"
+            f"{' and TFCE' if permutations.tfce is not None else ''}) in {what}, 26-connected, "
+            + ("positive and negative effects apart; peak = largest |t|."
+               if model.statistic == "t" else "any direction (F test); peak = largest F."),
             "Atlas": atlas.record() if atlas else None,
         })  # fmt: skip
         paths["model_clusters"] = table
@@ -317,6 +322,18 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
         permutations.seconds if permutations else 0.0,
     )
     return list(paths.values()), result
+
+
+def _max_words(model: Model) -> str:
+    return "|t|" if model.statistic == "t" else "F"
+
+
+def _sides(model: Model) -> str:
+    return "two-sided" if model.statistic == "t" else "one-sided, F >= 0"
+
+
+def _tfce_input(model: Model) -> str:
+    return "t" if model.statistic == "t" else "sqrt(F)"
 
 
 def _contrast_label(column: str) -> str:
@@ -356,12 +373,14 @@ def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
         "AnalysisMask": f"voxels covered by the brain masks of at least {MASK_SHARE:.0%} of the "
         "model's participants" + _lesion_clause(rows),
         "Permutations": {
-            "Count": spec.n_permutations if model.statistic == "t" else 0,
+            "Count": spec.n_permutations,
             "Seed": spec.seed,
-            "TFCE": spec.tfce and model.statistic == "t" and spec.n_permutations > 0,
-            "Method": "Freedman-Lane (residuals of the nuisance columns permuted), two-sided, "
-            "max-statistic over the analysis mask (mninorm's bids_app/group/tfce.py)",
-            **({"TFCEParameters": {"E": 0.5, "H": 2, "HeightStep": TFCE_STEP, "Connectivity": 6}}
+            "TFCE": spec.tfce and spec.n_permutations > 0,
+            "Method": "Freedman-Lane (residuals of the nuisance columns permuted), "
+            f"{_sides(model)}, max-{model.statistic} over the analysis mask (mninorm's "
+            "bids_app/group/tfce.py)",
+            **({"TFCEParameters": {"E": 0.5, "H": 2, "HeightStep": TFCE_STEP, "Connectivity": 6,
+                                   "Map": _tfce_input(model)}}
                if spec.tfce and spec.n_permutations > 0 else {}),
         },  # fmt: skip
         "OnePerParticipant": "each participant's map is the mean of their included T1w "

@@ -39,7 +39,7 @@ class ModelSpec:
     smoothing_fwhm: float = DEFAULT_SMOOTHING_FWHM  # mm
     n_permutations: int = DEFAULT_PERMUTATIONS  # 0: parametric maps only
     tfce: bool = True  # threshold-free cluster enhancement (besides voxel-wise max-t)
-    atlas: str | None = None  # FILE[:LABELS]
+    atlas: str | None = None  # FILE[:LABELS], or a TemplateFlow id atlas-<Name>[_desc-..]
     n_jobs: int = 1  # processes for the permutations
     jacobians: tuple[str, ...] = ()  # the log-Jacobians modelled; (): both (total, nonlinear)
 

@@ -1,5 +1,6 @@
 """The group page's part on the model (group/model.py, inference.py): what was tested, how it
-was corrected, the results table and the FWE-thresholded t maps over the study's mean T1w.
+was corrected, the results table and the FWE-thresholded t (or F) maps over the study's mean
+T1w.
 Plain data for ``reports/templates/group/_results.html.j2``."""
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_app.group.clusters import COLUMNS
+from bids_app.group.clusters import columns_for
 from bids_app.group.inference import FWE_ALPHA, fwe_threshold
 
 T_LIMIT = 6.0  # colour scale of the thresholded t maps
+F_LIMIT = 20.0  # and of F maps (one colour: F >= 0)
 MAX_PEAK_SLICES = 5  # the figures cut through the peaks of at most this many clusters
-_CORRECTIONS = {"voxel": ("model_logp_fwe", "voxel-wise (max-t)"),
+_CORRECTIONS = {"voxel": ("model_logp_fwe", "voxel-wise (max-{statistic})"),
                 "tfce": ("model_logp_tfce_fwe", "TFCE")}  # fmt: skip
 
 
@@ -22,7 +24,7 @@ _CORRECTIONS = {"voxel": ("model_logp_fwe", "voxel-wise (max-t)"),
 class JacobianResults:
     jacobian: str
     table: tuple[str, str] | None  # (href, name) of the clusters TSV; None: no permutations
-    rows: list = field(default_factory=list)  # one dict per cluster (COLUMNS' keys)
+    rows: list = field(default_factory=list)  # one dict per cluster (columns_for's keys)
     figures: list = field(default_factory=list)  # (PNG data URI, caption)
 
 
@@ -47,8 +49,8 @@ def results_view(output_dir: Path, section, background, png_uri) -> ResultsView:
     left_out = "; ".join(f"{k} ({v})" for k, v in record["LeftOut"].items()) or "none"
     permutations = (
         f"{spec.n_permutations} permutations (seed {spec.seed}; "
-        f"{'voxel-wise max-t and TFCE' if spec.tfce else 'voxel-wise max-t'})"
-        if spec.n_permutations and model.statistic == "t"
+        f"voxel-wise max-{model.statistic}{' and TFCE' if spec.tfce else ''})"
+        if spec.n_permutations
         else "none (parametric, uncorrected maps only)"
     )
     summary = (
@@ -64,17 +66,18 @@ def results_view(output_dir: Path, section, background, png_uri) -> ResultsView:
                 result.jacobian,
                 None if table is None else (table.relative_to(output_dir).as_posix(), table.name),
                 [c.row() for c in result.clusters],
-                _figures(result, background, png_uri)
+                _figures(result, model.statistic, background, png_uri)
                 if background is not None and result.clusters
                 else [],
             )
         )
     return ResultsView(
-        None, record["Formula"], summary, FWE_ALPHA, list(COLUMNS.items()), jacobians
+        None, record["Formula"], summary, FWE_ALPHA, list(columns_for(model.statistic).items()),
+        jacobians,
     )
 
 
-def _figures(result, background, png_uri) -> list[tuple[str, str]]:
+def _figures(result, statistic, background, png_uri) -> list[tuple[str, str]]:
     import nibabel as nib
 
     from bids_app.group.collect import canonical_array
@@ -86,19 +89,25 @@ def _figures(result, background, png_uri) -> list[tuple[str, str]]:
         img = nib.load(str(path))
         return canonical_array(np.asarray(img.dataobj, dtype=np.float32), img.affine)
 
-    t = volume(result.paths["model_t"])
+    values = volume(result.paths[f"model_{statistic}"])
+    limit = T_LIMIT if statistic == "t" else F_LIMIT
+    colours = (
+        f"red: more tissue (or a positive slope), blue: less; colours saturate at |t| = {limit:g}"
+        if statistic == "t"
+        else f"F has no direction (red: any difference between the groups), saturating at "
+        f"F = {limit:g}"
+    )
     shown_figures = []
     for correction, (kind, words) in _CORRECTIONS.items():
         if kind not in result.paths or not any(c.correction == correction for c in result.clusters):
             continue
-        shown = np.where(volume(result.paths[kind]) > fwe_threshold(), t, 0.0)
-        picture = mosaic_png(mean, mask, peak_cuts(shown) or cuts, zooms, shown, T_LIMIT, 1e-6)
+        shown = np.where(volume(result.paths[kind]) > fwe_threshold(), values, 0.0)
+        picture = mosaic_png(mean, mask, peak_cuts(shown) or cuts, zooms, shown, limit, 1e-6)
         shown_figures.append((
             png_uri(picture),
-            f"Sections through the peaks of the largest clusters: t map ({result.jacobian} "
-            f"log-Jacobian) where the {words} FWE-corrected p < {FWE_ALPHA:g}, over the study's "
-            "mean T1w; red: more tissue (or a positive slope), blue: less; colours saturate at "
-            f"|t| = {T_LIMIT:g}.",
+            f"Sections through the peaks of the largest clusters: {statistic} map "
+            f"({result.jacobian} log-Jacobian) where the {words.format(statistic=statistic)} "
+            f"FWE-corrected p < {FWE_ALPHA:g}, over the study's mean T1w; {colours}.",
         ))  # fmt: skip
     return shown_figures
 

@@ -66,11 +66,12 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
     cohorts = [build_cohort(space) for space in collection.spaces]
     column = settings.group_by
     table = read_participants(settings.bids_dir, column) if column else None
-    atlas = None
+    atlases = {}  # OutputSpace -> Atlas
     if column and settings.model is not None and settings.model.atlas:
-        from bids_app.group.clusters import load_atlas
+        from bids_app.group.clusters import load_atlases
 
-        atlas = load_atlas(settings.model.atlas)  # a wrong --atlas fails before any work
+        # a wrong --atlas (or a TemplateFlow atlas not here) fails before any work
+        atlases = load_atlases(settings.model.atlas, [c.space.space for c in cohorts])
     if column and settings.model is not None and settings.model.n_permutations > 0:
         from bids_app.group.inference import require_stats_extra
 
@@ -83,7 +84,7 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
     reading = Reading(settings.workers, client)
     try:
         return _write_outputs(
-            output_dir, collection, cohorts, column, table, settings.model, atlas, reading
+            output_dir, collection, cohorts, column, table, settings.model, atlases, reading
         )
     except OSError as err:  # disk full, permissions: the previous outputs are still whole
         raise MninormError(
@@ -97,7 +98,7 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
 
 
 def _write_outputs(
-    output_dir, collection, cohorts, column, table, spec, atlas, reading: Reading
+    output_dir, collection, cohorts, column, table, spec, atlases, reading: Reading
 ) -> GroupOutcome:
     sections, written, messages, problems, empty = [], [], [], [], []
     for cohort in cohorts:
@@ -109,6 +110,7 @@ def _write_outputs(
         if maps.written and design is not None and design.usable and spec is not None:
             log.info("%s: the permutation model loads every compared participant's maps "
                      "(smoothed, inside the mask) into memory", cohort.space.space)  # fmt: skip
+            atlas = atlases.get(cohort.space.space)
             inference = _infer(output_dir, cohort, design, table, spec, atlas)
             if not inference.model.usable:
                 problems.append(f"{cohort.space.space}: {inference.model.problem}")

@@ -22,6 +22,13 @@ of the mean), and refitted on the full design; the unpermuted data give the obse
 (the same t as ``inference.fit_glm``). Every permutation is drawn in the parent from the seed, so
 the result is the same whatever ``n_jobs`` (to the last bit of rounding).
 p = (1 + #permutations with max >= observed) / (1 + count), as nilearn's.
+
+Several tested columns (an F test, e.g. three or more groups): the same permutations, the full
+model refitted, F per voxel (the extra sum of squares of the tested columns over the residual
+variance, as ``inference.fit_glm``); one-sided (F >= 0), so max-F and the TFCE of one sign.
+TFCE of F runs on sqrt(F): with one tested column sqrt(F) is |t|, so the t maps' step and H = 2
+keep their meaning (a height h weighs as t^2, not t^4), and a map whose peak F is 50 needs ~70
+heights of 0.1, not 500. Any fixed function would keep the test exact; this one keeps it fast.
 """
 
 from __future__ import annotations
@@ -89,9 +96,9 @@ def tfce(volume: np.ndarray, step: float = STEP, two_sided: bool = True) -> np.n
 class Null:
     """What the permutations give: per permutation, the maxima over the mask."""
 
-    t: np.ndarray  # the observed t (vector over the mask)
-    tfce: np.ndarray | None  # the observed signed TFCE (vector over the mask)
-    max_t: np.ndarray  # per permutation: max |t|
+    t: np.ndarray  # the observed t, or F with several tested columns (vector over the mask)
+    tfce: np.ndarray | None  # the observed TFCE (signed for t; of sqrt(F) for F)
+    max_t: np.ndarray  # per permutation: max |t| (or max F)
     max_tfce: np.ndarray | None  # per permutation: max |TFCE|
     cpu_seconds: float = 0.0  # the permutations' processor time, summed over the processes
 
@@ -113,7 +120,8 @@ class _Problem:
     """The arrays every worker needs (the residualised data and the design's pieces)."""
 
     residuals: np.ndarray  # participants x voxels: the data after the nuisance columns
-    tested: np.ndarray  # the tested column after the nuisance columns
+    tested: np.ndarray  # participants x q: an orthonormal basis of the tested columns after the
+    # nuisance columns (q = 1: the column itself, normalised, so t keeps its sign)
     nuisance: np.ndarray  # participants x k: an orthonormal basis of the nuisance columns
     df: int
     mask: np.ndarray | None  # the box's mask (3-D) for TFCE, or None (voxel-wise only)
@@ -123,18 +131,19 @@ class _Problem:
 def permutation_test(
     data: np.ndarray,
     matrix: np.ndarray,
-    column: int,
+    column: int | tuple[int, ...],
     n_permutations: int,
     seed: int,
     mask: np.ndarray | None = None,
     step: float = STEP,
     n_jobs: int = 1,
 ) -> Null:
-    """Two-sided permutation test of ``matrix[:, column]`` on ``data`` (participants x voxels).
-    ``mask``: the 3-D mask whose voxels (C order) are ``data``'s columns, for TFCE; None: voxel-wise
-    only."""
-    problem = _prepare(np.asarray(data), np.asarray(matrix, np.float64), column, mask, step)
-    observed = _t_maps(problem, _identity(len(matrix)))[0]
+    """Permutation test of ``matrix[:, column]`` on ``data`` (participants x voxels): two-sided
+    t for one column, F for several (a tuple of two or more). ``mask``: the 3-D mask whose voxels
+    (C order) are ``data``'s columns, for TFCE; None: voxel-wise only."""
+    columns = (column,) if isinstance(column, (int, np.integer)) else tuple(column)
+    problem = _prepare(np.asarray(data), np.asarray(matrix, np.float64), columns, mask, step)
+    observed = _statistic_maps(problem, _identity(len(matrix)))[0]
     observed_tfce = None if mask is None else _tfce_vector(problem, observed)
     plans = _draw(problem, n_permutations, seed)
     # chunks of whole batches: every permutation is computed in the same batch whatever n_jobs,
@@ -158,20 +167,22 @@ def permutation_test(
     return Null(observed, observed_tfce, max_t, max_tfce, sum(p[2] for p in parts))
 
 
-def _prepare(data, matrix, column, mask, step) -> _Problem:
+def _prepare(data, matrix, columns, mask, step) -> _Problem:
     n = len(matrix)
-    others = [i for i in range(matrix.shape[1]) if i != column]
+    others = [i for i in range(matrix.shape[1]) if i not in columns]
     nuisance = matrix[:, others]
     if nuisance.shape[1]:
         u, s, _ = np.linalg.svd(nuisance, full_matrices=False)
         basis = u[:, s > s.max() * n * np.finfo(float).eps]
     else:
         basis = np.zeros((n, 0))
-    tested = matrix[:, column] - basis @ (basis.T @ matrix[:, column])
+    tested = matrix[:, list(columns)] - basis @ (basis.T @ matrix[:, list(columns)])
+    orthonormal, triangle = np.linalg.qr(tested)
+    orthonormal *= np.sign(np.diag(triangle))  # the first column keeps its direction (t's sign)
     data = np.asarray(data, np.float64)
     residuals = data - basis @ (basis.T @ data)
-    df = n - basis.shape[1] - 1
-    return _Problem(np.ascontiguousarray(residuals), tested, basis, df, mask, step)
+    df = n - basis.shape[1] - len(columns)
+    return _Problem(np.ascontiguousarray(residuals), orthonormal, basis, df, mask, step)
 
 
 def _identity(n: int) -> np.ndarray:
@@ -183,7 +194,7 @@ def _draw(problem: _Problem, count: int, seed: int) -> np.ndarray:
     """``count`` plans (permutations, or sign flips when the tested column is constant)."""
     rng = np.random.default_rng(seed)
     n = len(problem.tested)
-    constant_tested = problem.nuisance.shape[1] == 0 and np.ptp(problem.tested) == 0
+    constant_tested = problem.nuisance.shape[1] == 0 and np.all(np.ptp(problem.tested, 0) == 0)
     plans = np.empty((count, 2, n))
     for i in range(count):
         if constant_tested:
@@ -193,28 +204,36 @@ def _draw(problem: _Problem, count: int, seed: int) -> np.ndarray:
     return plans
 
 
-def _t_maps(problem: _Problem, plans: np.ndarray) -> np.ndarray:
-    """t of the tested column for each plan (plans x voxels): the permuted residuals refitted on
-    the full design, as matrix products (one row of weights per plan and design column)."""
+def _statistic_maps(problem: _Problem, plans: np.ndarray) -> np.ndarray:
+    """t of the tested column, or F of the tested columns, for each plan (plans x voxels): the
+    permuted residuals refitted on the full design, as matrix products (one row of weights per
+    plan and design column). The design's columns are orthonormal (tested, then nuisance), so
+    each product is a projection and the sums of squares are sums of squared products."""
     n, k = problem.nuisance.shape
-    columns = np.column_stack([problem.tested, problem.nuisance])  # n x (1 + k)
-    weights = np.zeros((len(plans), 1 + k, n))
+    q = problem.tested.shape[1]
+    columns = np.column_stack([problem.tested, problem.nuisance])  # n x (q + k)
+    weights = np.zeros((len(plans), q + k, n))
     for i, (order, signs) in enumerate(plans):
         # (P y)' c = y' (P' c): the weights put c[i] * sign[i] at row order[i]
         weights[i][:, order.astype(int)] = (columns * signs[:, None]).T
-    products = (weights.reshape(-1, n) @ problem.residuals).reshape(len(plans), 1 + k, -1)
+    products = (weights.reshape(-1, n) @ problem.residuals).reshape(len(plans), q + k, -1)
     total = np.einsum("ij,ij->j", problem.residuals, problem.residuals)
-    xx = float(problem.tested @ problem.tested)
-    beta = products[:, 0] / xx  # the tested column is orthogonal to the nuisance basis
-    rss = total - beta**2 * xx - (products[:, 1:] ** 2).sum(axis=1)
-    se = np.sqrt(np.maximum(rss, 0) / problem.df / xx)
-    return np.divide(beta, se, out=np.zeros_like(beta), where=se > 0)
+    explained = (products[:, :q] ** 2).sum(axis=1)  # the tested columns' sum of squares
+    variance = np.maximum(total - explained - (products[:, q:] ** 2).sum(axis=1), 0) / problem.df
+    if q == 1:  # t = beta / se, beta = c'y / c'c, se^2 = variance / c'c, |c| = 1
+        scale = np.sqrt(variance)
+        return np.divide(products[:, 0], scale, out=np.zeros_like(scale), where=scale > 0)
+    return np.divide(explained / q, variance, out=np.zeros_like(variance), where=variance > 0)
 
 
-def _tfce_vector(problem: _Problem, t: np.ndarray) -> np.ndarray:
+def _tfce_vector(problem: _Problem, statistic: np.ndarray) -> np.ndarray:
+    """Signed TFCE of a t map, or TFCE of sqrt(F) (one-sided; the module's docstring says why)."""
     volume = np.zeros(problem.mask.shape)
-    volume[problem.mask] = t
-    return tfce(volume, problem.step)[problem.mask]
+    if problem.tested.shape[1] == 1:
+        volume[problem.mask] = statistic
+        return tfce(volume, problem.step)[problem.mask]
+    volume[problem.mask] = np.sqrt(np.maximum(statistic, 0))
+    return tfce(volume, problem.step, two_sided=False)[problem.mask]
 
 
 def _maxima(problem: _Problem, plans: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
@@ -222,7 +241,7 @@ def _maxima(problem: _Problem, plans: np.ndarray) -> tuple[np.ndarray, np.ndarra
     max_t = np.empty(len(plans))
     max_tfce = None if problem.mask is None else np.empty(len(plans))
     for start in range(0, len(plans), _BATCH):
-        maps = _t_maps(problem, plans[start : start + _BATCH])
+        maps = _statistic_maps(problem, plans[start : start + _BATCH])
         max_t[start : start + len(maps)] = np.abs(maps).max(axis=1)
         if max_tfce is not None:
             for i, t in enumerate(maps):
