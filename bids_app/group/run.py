@@ -52,16 +52,31 @@ class GroupOutcome:
 
 
 def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -> GroupOutcome:
-    from bids_app.reports.participant import cached_templates
-
     if fetch_template is None:
         from bids_app.templates import fetch_template
     output_dir = Path(settings.output_dir)
+    client = None
+    if settings.dask_scheduler:
+        from bids_app.scheduler import connect
+
+        client = connect(settings.dask_scheduler)
+    try:
+        return _collect_and_write(settings, output_dir, fetch_template, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _collect_and_write(settings: GroupSettings, output_dir: Path, fetch_template, client):
+    from bids_app.reports.participant import cached_templates
+
     collection = collect(
         output_dir,
         cached_templates(fetch_template),
         settings.participant_labels,
         settings.session_labels,
+        settings.workers,
+        client,
     )
     cohorts = [build_cohort(space) for space in collection.spaces]
     column = settings.group_by
@@ -76,11 +91,6 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
         from bids_app.group.inference import require_stats_extra
 
         require_stats_extra()  # before any work
-    client = None
-    if settings.dask_scheduler:
-        from bids_app.scheduler import connect
-
-        client = connect(settings.dask_scheduler)
     reading = Reading(settings.workers, client)
     try:
         return _write_outputs(
@@ -92,9 +102,6 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
             "permissions, then run the group level again (outputs already there are unchanged or "
             "complete: every file is written whole or not at all)"
         ) from err
-    finally:
-        if client is not None:
-            client.close()
 
 
 def _write_outputs(
