@@ -93,6 +93,46 @@ def test_glm_t_of_a_group_indicator_is_scipys_two_sample_t():
     assert np.allclose(fit.effect, data[:5].mean(0) - data[5:].mean(0))
 
 
+def _design_rows(item):
+    x, y = item
+    yield "logjac", (x, y)
+
+
+@pytest.mark.parametrize("tested", [(1,), (1, 2)], ids=["t", "F"])
+def test_the_fit_streamed_participant_by_participant_is_the_stacked_fit(tested):
+    """X^T Y and the sum of y^2, summed one participant at a time in 3 blocks and merged, give
+    fit_glm's t (or F) of a design with a numeric and a categorical covariate."""
+    from bids_app.group.accumulate import GlmSums, accumulate_keyed, keyed_block_stats, split_blocks
+    from bids_app.group.accumulate import _merge_keyed as merge_keyed
+    from bids_app.group.inference import fit_glm_sums
+
+    rng = np.random.default_rng(4)
+    n, voxels = 37, 300
+    group = (np.arange(n) % 2).astype(float)
+    age = rng.uniform(20, 80, n)
+    site = (np.arange(n) % 3 == 0).astype(float)
+    matrix = np.column_stack([np.ones(n), group, age - age.mean(), site])
+    # a mean far from 0 beside a small spread: what a subtraction of sums could lose
+    data = 0.3 + 0.01 * age[:, None] * rng.normal(0, 0.2, voxels) + rng.normal(0, 0.02, (n, voxels))
+    data[:, 0] += 0.05 * group  # one voxel with an effect
+    expected = fit_glm(data, matrix, tested)
+    items = list(zip(matrix, data, strict=True))
+    blocks = [keyed_block_stats(b, _design_rows, GlmSums) for b in split_blocks(items, 3)]
+    merged = merge_keyed(blocks, GlmSums)["logjac"]
+    one_block = accumulate_keyed(items, _design_rows, workers=1, new=GlmSums)["logjac"]
+    for sums in (merged, one_block):
+        fit = fit_glm_sums(sums, matrix, tested)
+        np.testing.assert_allclose(fit.statistic, expected.statistic, rtol=1e-8)
+        np.testing.assert_allclose(fit.logp, expected.logp, rtol=1e-8, atol=1e-12)
+        assert fit.df == expected.df
+        if len(tested) == 1:
+            np.testing.assert_allclose(fit.effect, expected.effect, rtol=1e-8)
+    assert np.isfinite(expected.statistic).all() and (expected.statistic != 0).all()
+    with pytest.raises(ValueError, match="36 participants' maps summed for a model of 37"):
+        fit_glm_sums(accumulate_keyed(items[1:], _design_rows, new=GlmSums)["logjac"], matrix,
+                     tested)  # fmt: skip
+
+
 def test_masked_smoothing_keeps_a_constant_constant_to_the_edge_and_zero_outside():
     mask = np.zeros((20, 20, 20), bool)
     mask[5:15, 4:16, 6:14] = True

@@ -115,10 +115,8 @@ def _write_outputs(
         maps = write_space_maps(output_dir, cohort, design, reading)
         inference = None
         if maps.written and design is not None and design.usable and spec is not None:
-            log.info("%s: the permutation model loads every compared participant's maps "
-                     "(smoothed, inside the mask) into memory", cohort.space.space)  # fmt: skip
             atlas = atlases.get(cohort.space.space)
-            inference = _infer(output_dir, cohort, design, table, spec, atlas)
+            inference = _infer(output_dir, cohort, design, table, spec, atlas, reading)
             if not inference.model.usable:
                 problems.append(f"{cohort.space.space}: {inference.model.problem}")
             written += inference.written
@@ -151,9 +149,9 @@ def _write_outputs(
     )  # fmt: skip
 
 
-def _infer(output_dir, cohort, design, table, spec, atlas):
+def _infer(output_dir, cohort, design, table, spec, atlas, reading=None):
     """The model of one space and, when it can be estimated, its maps and results table."""
-    from bids_app.group.inference import SpaceInference, write_space_inference
+    from bids_app.group.inference import SpaceInference, permuting, write_space_inference
     from bids_app.group.model import build_model
 
     volumes = {}
@@ -164,7 +162,10 @@ def _infer(output_dir, cohort, design, table, spec, atlas):
     model = build_model(design, table, spec.covariates, volumes)
     if not model.usable:
         return SpaceInference(model, spec)
-    return write_space_inference(output_dir, cohort, model, spec, atlas)
+    if permuting(spec):
+        log.info("%s: the permutation model loads every compared participant's maps "
+                 "(smoothed, inside the mask) into memory", cohort.space.space)  # fmt: skip
+    return write_space_inference(output_dir, cohort, model, spec, atlas, reading)
 
 
 def _group_values(table, column: str | None, subjects) -> tuple[dict, str | None]:
