@@ -29,6 +29,7 @@ Results: ``<out>/scale.json`` and the lines printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -353,8 +354,7 @@ def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
     shutil.rmtree(results, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     killed: dict = {}
-    local_cluster = _local_cluster() if cluster else None
-    try:
+    with _local_cluster() if cluster else contextlib.nullcontext() as local_cluster:
         extra = ("--dask-scheduler", local_cluster.scheduler_address) if cluster else ()
         timer = None
         if kill_after is not None:
@@ -364,9 +364,7 @@ def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
                                 log_path=log_path, timeout_s=6 * 3600)  # fmt: skip
         if timer is not None:
             timer.cancel()
-    finally:
-        if local_cluster is not None:
-            local_cluster.close()  # its worker processes reaped: their CPU time is counted
+    # (closed: its worker processes reaped, their CPU time counted)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     row = {
@@ -379,15 +377,21 @@ def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
     return row
 
 
+@contextlib.contextmanager
 def _local_cluster():
     import dask
     import distributed
 
-    # A daemonic worker process may not start the participant's process
+    # A daemonic worker process may not start the participant's process: non-daemonic for the
+    # first workers and for those the nannies start again after a kill (the whole cluster's life)
     with dask.config.set({"distributed.worker.daemon": False}):
-        return distributed.LocalCluster(
+        cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         )
+        try:
+            yield cluster
+        finally:
+            cluster.close()
 
 
 def _kill_a_worker(cluster, killed: dict) -> None:

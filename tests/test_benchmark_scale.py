@@ -33,13 +33,19 @@ end = time.process_time() + 0.5
 while time.process_time() < end:
     pass
 time.sleep(float(sys.argv[2]))
+if len(sys.argv) > 4:  # --dask-scheduler ADDRESS: are its workers (a restarted one too) daemonic?
+    import multiprocessing, distributed
+    with distributed.Client(sys.argv[4]) as client:
+        client.wait_for_workers(2, timeout=60)
+        daemonic = client.run(lambda: multiprocessing.current_process().daemon)
+    print("daemonic workers:", sum(daemonic.values()), "of", len(daemonic))
 sys.exit(1)
 """
 
 
 def _command(sleep: float):
     def command(results: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-c", _STAND_IN, str(results), str(sleep)]
+        return [sys.executable, "-c", _STAND_IN, str(results), str(sleep), *extra]
 
     return command
 
@@ -66,7 +72,7 @@ def test_complete_needs_every_record_ok_and_ended(tmp_path):
     assert scale.complete_participants(tmp_path, ["01", "02", "03", "04"]) == ["01"]
 
 
-def test_a_worker_of_the_cluster_is_killed_mid_run(tmp_path):
+def test_a_worker_of_the_cluster_is_killed_mid_run_and_restarted_non_daemonic(tmp_path):
     pytest.importorskip("distributed")
     row = scale._run_executor(
         tmp_path, "killed", _command(6.0), ["01", "02"], cluster=True, kill_after=2.0
@@ -79,6 +85,8 @@ def test_a_worker_of_the_cluster_is_killed_mid_run(tmp_path):
         time.sleep(0.1)
     assert not _alive(killed["pid"])
     assert row["code"] == 1 and row["complete"] == 1
+    # the worker the nanny started again may start a participant's process, as the first ones
+    assert "daemonic workers: 0 of 2" in Path(row["log"]).read_text()
 
 
 def _alive(pid: int) -> bool:
