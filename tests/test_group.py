@@ -534,9 +534,11 @@ def test_partial_or_corrupt_participants_are_skipped_and_the_table_says_why(
 
 @pytest.mark.parametrize("checker", ["threads", "dask"])
 def test_files_checked_in_parallel_keep_the_order_and_the_reasons(
-    tmp_path, grid, fetch, monkeypatch, checker
+    tmp_path, grid, fetch, monkeypatch, caplog, checker
 ):
     from bids_app.group import collect as collect_module
+
+    caplog.set_level("INFO", logger="bids_app.group.collect")
 
     out = tmp_path / "out"
     write_cohort(out, grid, {f"{i:02d}": ("A" if i % 2 else "B") for i in range(1, 12)})
@@ -555,12 +557,14 @@ def test_files_checked_in_parallel_keep_the_order_and_the_reasons(
         monkeypatch.setattr(collect_module, "_check", watched)
         parallel = collect_module.collect(out, fetch, workers=3)
         assert len({name for name in seen if name.startswith("mninorm-check")}) >= 2, seen
+        assert "checked the files of 11 T1w in 3 thread(s)" in caplog.text
     else:
         distributed = pytest.importorskip("distributed")
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                       dashboard_address=None) as cluster, \
                 distributed.Client(cluster) as client:  # fmt: skip
             parallel = collect_module.collect(out, fetch, client=client)
+        assert "checked the files of 11 T1w on the Dask cluster" in caplog.text
     (first,), (second,) = serial.spaces, parallel.spaces
     assert [r.sort_key() for r in second.results] == [r.sort_key() for r in first.results]
     assert [r.problem for r in second.results] == [r.problem for r in first.results]

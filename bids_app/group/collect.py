@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -393,17 +394,25 @@ def check_all(
     array work (numpy), both of which release the GIL, so threads of this process spread it
     over the cores as well as processes do, without pickling the results' thumbnails back; on
     a Dask cluster, one task per block of results (per worker thread)."""
+    started = time.monotonic()
     if client is not None:
         from bids_app.group.accumulate import split_blocks
 
         blocks = split_blocks(list(results), max(1, sum(client.nthreads().values())))
         futures = [client.submit(_check_block, block, grid, cuts, pure=False) for block in blocks]
-        return tuple(result for future in futures for result in future.result())
-    workers = max(1, min(workers, len(results) // MIN_CHECKS_PER_WORKER))
-    if workers == 1:
-        return _check_block(results, grid, cuts)
-    with ThreadPoolExecutor(workers, thread_name_prefix="mninorm-check") as pool:
-        return tuple(pool.map(lambda result: _check(result, grid, cuts), results))
+        checked = tuple(result for future in futures for result in future.result())
+        where = "on the Dask cluster"
+    else:
+        workers = max(1, min(workers, len(results) // MIN_CHECKS_PER_WORKER))
+        where = f"in {workers} thread(s)"
+        if workers == 1:
+            checked = _check_block(results, grid, cuts)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="mninorm-check") as pool:
+                checked = tuple(pool.map(lambda result: _check(result, grid, cuts), results))
+    log.info("checked the files of %d T1w %s in %.1f s", len(results), where,
+             time.monotonic() - started)  # fmt: skip
+    return checked
 
 
 def _check_block(results: list[T1wResult], grid: Grid | None, cuts) -> tuple[T1wResult, ...]:
