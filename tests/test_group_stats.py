@@ -218,6 +218,30 @@ def test_sidecars_state_model_contrast_counts_smoothing_permutations_and_seed(pl
     assert "group" in (planted["out"] / ".bidsignore").read_text().split()
 
 
+def test_the_streamed_model_in_two_processes_gives_the_permutation_runs_parametric_maps(
+    planted, fetch, tmp_path, monkeypatch, caplog
+):
+    """--n-permutations 0 fits the model from sums read in 2 processes; the planted run (100
+    permutations) fitted the stacked data in one: the same t, effect and -log10 p maps."""
+    import shutil
+
+    from bids_app.group import maps as maps_module
+
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"], out)
+    monkeypatch.setattr(maps_module, "MIN_PARTICIPANTS_PER_WORKER", 1)  # 16 participants: 2
+    spec = ModelSpec(n_permutations=0, seed=3, smoothing_fwhm=6.0, jacobians=("total",))
+    settings = GroupSettings(out, planted["out"].parent / "bids", "group", model=spec, workers=2)
+    with caplog.at_level("INFO", logger="bids_app.group.inference"):
+        run_group(settings, fetch_template=fetch)
+    assert "the model's fit streams over 16 participants' maps (2 process(es))" in caplog.text
+    for kind in ("model_t", "model_effect", "model_logp"):
+        streamed, stacked = model_map(out, kind), model_map(planted["out"], kind)
+        assert np.abs(stacked).max() > 0, kind
+        np.testing.assert_allclose(streamed, stacked, rtol=1e-5, atol=1e-6, err_msg=kind)
+    assert not list(drv.group_dir(out).glob("*logpFWE*"))  # the permutation maps are gone
+
+
 def test_the_group_report_shows_the_results_table(planted):
     page = (planted["out"] / "group.html").read_text()
     assert "Planted_L" in page and "FWE" in page
