@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-distinct", type=int, default=100,
         help="group part: distinct synthetic participants written, the rest hard links (100)",
     )
+    scale.add_argument(
+        "--dask-dataset", type=Path,
+        help="dask part: this BIDS dataset and the real engine (default: synthetic, fake engine)",
+    )
+    scale.add_argument(
+        "--dask-participants", type=int,
+        help="dask part: participants run (default: --resume-participants)",
+    )
+    scale.add_argument("--dask-preset", default="fast", help="dask part: --preset (fast)")
+    scale.add_argument(
+        "--dask-kill-after", type=float, metavar="SECONDS",
+        help="dask part: also run on a LocalCluster one of whose workers is killed SECONDS in",
+    )
     return parser
 
 
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_scale(
             args.out, args.parts, args.participants, args.requested, args.whole,
             args.resume_participants, args.group_participants, args.group_resolution,
-            args.group_workers, args.group_compare, args.group_distinct,
+            args.group_workers, args.group_compare, args.group_distinct, args.dask_dataset,
+            args.dask_participants, args.dask_preset, args.dask_kill_after,
         )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows

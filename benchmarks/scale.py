@@ -18,18 +18,25 @@ finished run, on this machine, each measured in a fresh process.
   --n-permutations 0``) with each ``--group-workers`` count as ``--nthreads`` (wall time, CPU
   time, peak memory of the process tree).
 - ``dask``: the same participants' first run with the local executor (``--nthreads 2
-  --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes.
+  --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes (wall
+  time, CPU time, complete participants, exit code); with ``--dask-kill-after S``, once more
+  with one worker process killed S seconds in. The resume part's synthetic participants and the
+  fake engine, or, with ``--dask-dataset DIR``, the first ``--dask-participants`` of a real BIDS
+  dataset with the real engine and ``--dask-preset``.
 
 Results: ``<out>/scale.json`` and the lines printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -260,39 +267,170 @@ def bench_resume(out: Path, participants: int) -> dict:
     return {"participants": participants, "rows": rows}
 
 
-def bench_dask(out: Path, participants: int) -> dict:
-    """The resume part's dataset, first run, with the local executor (--nthreads 2
-    --omp-nthreads 1) and on a LocalCluster of 2 single-threaded worker processes."""
+# The fake engine's command for the executors' comparison: its exit code is mninorm's
+_FAKE_CHILD = _RESUME_CHILD + "sys.exit(int(code))\n"
+LOCAL_EXECUTOR = "local executor, --nthreads 2 --omp-nthreads 1"
+LOCAL_CLUSTER = "LocalCluster, 2 workers of 1 thread"
+
+
+def bench_dask(out: Path, participants: int, dataset: Path | None = None, preset: str = "fast",
+               kill_after: float | None = None) -> dict:  # fmt: skip
+    """The same participants' first run with the local executor (``--nthreads 2 --omp-nthreads
+    1``) and on a Dask LocalCluster of 2 single-threaded worker processes; with ``kill_after``,
+    once more on a fresh LocalCluster, one of whose worker processes is killed (SIGKILL) that many
+    seconds into the run. Without ``dataset``: the resume part's synthetic participants and the
+    fake engine; with it: its first ``participants`` participants and the real engine
+    (``TEMPLATEFLOW_HOME`` as set, else ``../shared/data/templateflow``)."""
+    saved = dict(os.environ)
+    try:
+        return _bench_dask(out, participants, dataset, preset, kill_after)
+    finally:  # the later parts see the environment they were given
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _bench_dask(out, participants, dataset, preset, kill_after) -> dict:
+    if dataset is None:
+        templateflow, root = make_resume_inputs(out, participants)
+        labels = _labels(participants)
+    else:
+        root = Path(dataset).resolve()
+        labels = _dataset_labels(root)[:participants]
+        templateflow = Path(
+            os.environ.get("TEMPLATEFLOW_HOME") or ROOT.parent / "shared" / "data" / "templateflow"
+        )
+    # The workers inherit this environment: this checkout (and, for the fake engine, tests/ to
+    # unpickle it) on their paths, the same templates
+    paths = (str(ROOT),) if dataset is not None else (str(ROOT), str(ROOT / "tests"))
+    os.environ.update(PYTHONPATH=os.pathsep.join(paths), TEMPLATEFLOW_HOME=str(templateflow),
+                      TEMPLATEFLOW_AUTOUPDATE="0")  # fmt: skip
+    if dataset is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+
+    def command(results: Path, *extra: str) -> list[str]:
+        argv = [str(root), str(results), "participant", "--participant-label", *labels,
+                "--preset", preset, "--nthreads", "2", "--omp-nthreads", "1",
+                "--skip-bids-validation", *extra]  # fmt: skip
+        if dataset is not None:
+            return [sys.executable, "-m", "bids_app", *argv]
+        argv += ["--output-spaces", RESUME_TEMPLATE]
+        return [sys.executable, "-c", _FAKE_CHILD, str(ROOT / "tests"), json.dumps(argv)]
+
+    rows = {LOCAL_EXECUTOR: _run_executor(out, "dask_local", command, labels)}
+    rows[LOCAL_CLUSTER] = _run_executor(out, "dask_cluster", command, labels, cluster=True)
+    if kill_after is not None:
+        rows[f"{LOCAL_CLUSTER}, one killed after {kill_after:g} s"] = _run_executor(
+            out, "dask_killed", command, labels, cluster=True, kill_after=kill_after
+        )
+    what = f"{root.name}, preset {preset}" if dataset is not None else "synthetic, fake engine"
+    for name, row in rows.items():
+        print(
+            f"dask, {len(labels)} participants ({what}), {name}: {row['seconds']:.1f} s "
+            f"(CPU {row['cpu_seconds']:.1f} s); {row['complete']}/{len(labels)} complete; "
+            f"exit {row['code']}" + (f"; killed {row['killed']}" if row.get("killed") else "")
+        )
+        for line in row["failures"]:
+            print(f"    {line}")
+    return {"participants": len(labels), "dataset": str(root) if dataset is not None else None,
+            "engine": "real" if dataset is not None else "fake", "preset": preset,
+            "rows": rows}  # fmt: skip
+
+
+def _dataset_labels(root: Path) -> list[str]:
+    return sorted(p.name.removeprefix("sub-") for p in root.glob("sub-*") if p.is_dir())
+
+
+def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
+                  kill_after: float | None = None) -> dict:  # fmt: skip
+    """One run of ``command`` into a fresh ``<out>/<name>_out``, measured: wall time of the
+    command; CPU time of every process it (and, with ``cluster``, the LocalCluster started for it
+    and closed after it) ran and waited for; participants whose every run record ends ``ok``;
+    exit code; the log's failure lines."""
+    import resource
+
+    from benchmarks.measure import run_measured
+
+    results, log_path = out / f"{name}_out", out / f"{name}.log"
+    shutil.rmtree(results, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    killed: dict = {}
+    with _local_cluster() if cluster else contextlib.nullcontext() as local_cluster:
+        extra = ("--dask-scheduler", local_cluster.scheduler_address) if cluster else ()
+        timer = None
+        if kill_after is not None:
+            timer = threading.Timer(kill_after, _kill_a_worker, (local_cluster, killed))
+            timer.start()
+        measured = run_measured(command(results, *extra), env=dict(os.environ),
+                                log_path=log_path, timeout_s=6 * 3600)  # fmt: skip
+        if timer is not None:
+            timer.cancel()
+    # (closed: its worker processes reaped, their CPU time counted)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row = {
+        "seconds": round(measured.wall_s, 1), "cpu_seconds": round(cpu, 1),
+        "complete": len(complete_participants(results, labels)), "code": measured.returncode,
+        "failures": failure_lines(log_path), "log": str(log_path),
+    }  # fmt: skip
+    if killed:
+        row["killed"] = killed
+    return row
+
+
+@contextlib.contextmanager
+def _local_cluster():
     import dask
     import distributed
 
-    templateflow, root = make_resume_inputs(out, participants)
-    rows = {}
-    local_out, dask_out = out / "dask_local_out", out / "dask_cluster_out"
-    for folder in (local_out, dask_out):
-        shutil.rmtree(folder, ignore_errors=True)
-    rows["local executor, --nthreads 2 --omp-nthreads 1"] = _mninorm(root, local_out, templateflow)
-    # The scheduler (here) and the workers unpickle the fake engine: tests/ on their paths (the
-    # workers inherit the environment)
-    os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests")))
-    sys.path.insert(0, str(ROOT / "tests"))
-    os.environ["TEMPLATEFLOW_HOME"] = str(templateflow)
+    # A daemonic worker process may not start the participant's process: non-daemonic for the
+    # first workers and for those the nannies start again after a kill (the whole cluster's life)
     with dask.config.set({"distributed.worker.daemon": False}):
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         )
         try:
-            rows["LocalCluster, 2 workers of 1 thread"] = _mninorm(
-                root, dask_out, templateflow, "--dask-scheduler", cluster.scheduler_address
-            )
+            yield cluster
         finally:
             cluster.close()
-    for name, row in rows.items():
-        print(
-            f"dask, {participants} participants, {name}: {row['seconds']:.1f} s "
-            f"(process {row['process_seconds']:.1f} s; exit {row['code']})"
-        )
-    return {"participants": participants, "rows": rows}
+
+
+def _kill_a_worker(cluster, killed: dict) -> None:
+    """SIGKILL one worker process of ``cluster`` (one running a task if any), noting which."""
+    import distributed
+
+    try:
+        with distributed.Client(cluster.scheduler_address, timeout=60) as client:
+            processing = client.processing()
+            busy = [address for address, keys in processing.items() if keys]
+            pids = client.run(os.getpid)
+            victim = (busy or sorted(pids))[0]
+            os.kill(pids[victim], signal.SIGKILL)
+            running = sorted(str(key) for key in processing.get(victim, ()))
+            killed.update(worker=victim, pid=pids[victim], running=running)
+    except Exception as err:  # noqa: BLE001 - the row says the kill did not happen, and why
+        killed["error"] = f"{type(err).__name__}: {err}"
+
+
+def complete_participants(results: Path, labels) -> list[str]:
+    """The labels whose run records (at least one) all say ``Status: ok`` with an end time."""
+    complete = []
+    for label in labels:
+        records = sorted((results / f"sub-{label}" / "log").glob("*_desc-mninorm_run.json"))
+        contents = [json.loads(path.read_text()) for path in records]
+        if contents and all(c.get("Status") == "ok" and c.get("EndTime") for c in contents):
+            complete.append(label)
+    return complete
+
+
+FAILURE_WORDS = ("FAILED", "failed", "ERROR", "Error", "KilledWorker")
+
+
+def failure_lines(log_path: Path, limit: int = 20) -> list[str]:
+    """The log's lines that report a failure (at most ``limit``)."""
+    if not log_path.is_file():
+        return []
+    lines = log_path.read_text(errors="replace").splitlines()
+    return [line.strip() for line in lines if any(w in line for w in FAILURE_WORDS)][:limit]
 
 
 def make_group_inputs(
@@ -372,22 +510,34 @@ def bench_group(out: Path, participants: int, resolution: int = 2,
         rows[f"--nthreads {count}"] = row = {
             "seconds": measured.wall_s, "cpu_seconds": measured.cpu_s,
             "peak_mb_process_tree": measured.peak_rss_mb, "code": measured.returncode,
-            "command": " ".join(argv[1:]),
+            "command": " ".join(argv[1:]), "check_seconds": _check_seconds(out / f"{name}.log"),
         }  # fmt: skip
+        checked = row["check_seconds"]
         print(
             f"group level{', --group-by' if compare else ''}, {participants} participants on the "
             f"{resolution} mm grid, --nthreads "
             f"{count}: {row['seconds']:.0f} s (CPU {row['cpu_seconds']:.0f} s); peak memory of "
             f"the process tree {row['peak_mb_process_tree']:.0f} MB; exit {row['code']}"
+            + (f"; files checked in {checked:.1f} s" if checked is not None else "")
         )
     return {"participants": participants, "resolution_mm": resolution, "group_by": compare,
             "distinct_participants": min(participants, distinct), "rows": rows}  # fmt: skip
 
 
+def _check_seconds(log_path: Path) -> float | None:
+    """The seconds the group level's log says the check of the files took (summed over spaces)."""
+    import re
+
+    found = re.findall(r"checked the files of \d+ T1w .* in ([0-9.]+) s", log_path.read_text())
+    return round(sum(float(s) for s in found), 1) if found else None
+
+
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
         resume_participants: int, group_participants: int = 1000, group_resolution: int = 2,
         group_workers: tuple[int, ...] = (1, 2), group_compare: bool = False,
-        group_distinct: int = 100) -> int:  # fmt: skip
+        group_distinct: int = 100, dask_dataset: Path | None = None,
+        dask_participants: int | None = None, dask_preset: str = "fast",
+        dask_kill_after: float | None = None) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -396,7 +546,10 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
     if "resume" in parts:
         results["resume"] = bench_resume(out, resume_participants)
     if "dask" in parts:
-        results["dask"] = bench_dask(out, resume_participants)
+        results["dask" if dask_dataset is None else "dask_real"] = bench_dask(
+            out, dask_participants or resume_participants, dask_dataset, dask_preset,
+            dask_kill_after,
+        )
     if "group" in parts:
         key = f"group_res-{group_resolution}_{group_participants}" + (
             "_group-by" if group_compare else ""

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -529,6 +530,51 @@ def test_partial_or_corrupt_participants_are_skipped_and_the_table_says_why(
     sidecar = json.loads(drv.sidecar_path(t_path).read_text())
     assert sidecar["GroupBy"]["Counts"] == {"A": 3, "B": 2}  # 01, 09, 11 / 08, 10
     assert sorted(e["Participant"] for e in sidecar["Excluded"]) == [f"sub-{k}" for k in DAMAGES]
+
+
+@pytest.mark.parametrize("checker", ["threads", "dask"])
+def test_files_checked_in_parallel_keep_the_order_and_the_reasons(
+    tmp_path, grid, fetch, monkeypatch, caplog, checker
+):
+    from bids_app.group import collect as collect_module
+
+    caplog.set_level("INFO", logger="bids_app.group.collect")
+
+    out = tmp_path / "out"
+    write_cohort(out, grid, {f"{i:02d}": ("A" if i % 2 else "B") for i in range(1, 12)})
+    for damage, _ in DAMAGES.values():
+        damage(out)
+    serial = collect_module.collect(out, fetch)
+    monkeypatch.setattr(collect_module, "MIN_CHECKS_PER_WORKER", 1)  # 11 T1w: 3 threads
+    if checker == "threads":
+        seen = set()
+        original = collect_module._check
+
+        def watched(result, grid, cuts):
+            seen.add(threading.current_thread().name)
+            return original(result, grid, cuts)
+
+        monkeypatch.setattr(collect_module, "_check", watched)
+        parallel = collect_module.collect(out, fetch, workers=3)
+        assert len({name for name in seen if name.startswith("mninorm-check")}) >= 2, seen
+        assert "checked the files of 11 T1w in 3 thread(s)" in caplog.text
+    else:
+        distributed = pytest.importorskip("distributed")
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                      dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as client:  # fmt: skip
+            parallel = collect_module.collect(out, fetch, client=client)
+        assert "checked the files of 11 T1w on the Dask cluster" in caplog.text
+    (first,), (second,) = serial.spaces, parallel.spaces
+    assert [r.sort_key() for r in second.results] == [r.sort_key() for r in first.results]
+    assert [r.problem for r in second.results] == [r.problem for r in first.results]
+    for label, (_, reason) in DAMAGES.items():
+        (found,) = [r for r in second.results if r.subject == label]
+        assert reason in (found.problem or "") or label == "04", label  # 04: the QC table
+    for a, b in zip(first.results, second.results, strict=True):
+        assert (a.preview is None) == (b.preview is None)
+        if a.preview is not None:
+            assert all(np.array_equal(x, y) for x, y in zip(a.preview, b.preview, strict=True))
 
 
 def test_a_record_this_version_cannot_read_excludes_its_t1w_with_a_warning(tmp_path, grid, caplog):

@@ -93,6 +93,46 @@ def test_glm_t_of_a_group_indicator_is_scipys_two_sample_t():
     assert np.allclose(fit.effect, data[:5].mean(0) - data[5:].mean(0))
 
 
+def _design_rows(item):
+    x, y = item
+    yield "logjac", (x, y)
+
+
+@pytest.mark.parametrize("tested", [(1,), (1, 2)], ids=["t", "F"])
+def test_the_fit_streamed_participant_by_participant_is_the_stacked_fit(tested):
+    """X^T Y and the sum of y^2, summed one participant at a time in 3 blocks and merged, give
+    fit_glm's t (or F) of a design with a numeric and a categorical covariate."""
+    from bids_app.group.accumulate import GlmSums, accumulate_keyed, keyed_block_stats, split_blocks
+    from bids_app.group.accumulate import _merge_keyed as merge_keyed
+    from bids_app.group.inference import fit_glm_sums
+
+    rng = np.random.default_rng(4)
+    n, voxels = 37, 300
+    group = (np.arange(n) % 2).astype(float)
+    age = rng.uniform(20, 80, n)
+    site = (np.arange(n) % 3 == 0).astype(float)
+    matrix = np.column_stack([np.ones(n), group, age - age.mean(), site])
+    # a mean far from 0 beside a small spread: what a subtraction of sums could lose
+    data = 0.3 + 0.01 * age[:, None] * rng.normal(0, 0.2, voxels) + rng.normal(0, 0.02, (n, voxels))
+    data[:, 0] += 0.05 * group  # one voxel with an effect
+    expected = fit_glm(data, matrix, tested)
+    items = list(zip(matrix, data, strict=True))
+    blocks = [keyed_block_stats(b, _design_rows, GlmSums) for b in split_blocks(items, 3)]
+    merged = merge_keyed(blocks, GlmSums)["logjac"]
+    one_block = accumulate_keyed(items, _design_rows, workers=1, new=GlmSums)["logjac"]
+    for sums in (merged, one_block):
+        fit = fit_glm_sums(sums, matrix, tested)
+        np.testing.assert_allclose(fit.statistic, expected.statistic, rtol=1e-8)
+        np.testing.assert_allclose(fit.logp, expected.logp, rtol=1e-8, atol=1e-12)
+        assert fit.df == expected.df
+        if len(tested) == 1:
+            np.testing.assert_allclose(fit.effect, expected.effect, rtol=1e-8)
+    assert np.isfinite(expected.statistic).all() and (expected.statistic != 0).all()
+    with pytest.raises(ValueError, match="36 participants' maps summed for a model of 37"):
+        fit_glm_sums(accumulate_keyed(items[1:], _design_rows, new=GlmSums)["logjac"], matrix,
+                     tested)  # fmt: skip
+
+
 def test_masked_smoothing_keeps_a_constant_constant_to_the_edge_and_zero_outside():
     mask = np.zeros((20, 20, 20), bool)
     mask[5:15, 4:16, 6:14] = True
@@ -176,6 +216,30 @@ def test_sidecars_state_model_contrast_counts_smoothing_permutations_and_seed(pl
     assert sidecar["Permutations"]["Seed"] == 3
     assert sidecar["MultipleComparisonCorrection"].startswith("FWE")
     assert "group" in (planted["out"] / ".bidsignore").read_text().split()
+
+
+def test_the_streamed_model_in_two_processes_gives_the_permutation_runs_parametric_maps(
+    planted, fetch, tmp_path, monkeypatch, caplog
+):
+    """--n-permutations 0 fits the model from sums read in 2 processes; the planted run (100
+    permutations) fitted the stacked data in one: the same t, effect and -log10 p maps."""
+    import shutil
+
+    from bids_app.group import maps as maps_module
+
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"], out)
+    monkeypatch.setattr(maps_module, "MIN_PARTICIPANTS_PER_WORKER", 1)  # 16 participants: 2
+    spec = ModelSpec(n_permutations=0, seed=3, smoothing_fwhm=6.0, jacobians=("total",))
+    settings = GroupSettings(out, planted["out"].parent / "bids", "group", model=spec, workers=2)
+    with caplog.at_level("INFO", logger="bids_app.group.inference"):
+        run_group(settings, fetch_template=fetch)
+    assert "the model's fit streams over 16 participants' maps (2 process(es))" in caplog.text
+    for kind in ("model_t", "model_effect", "model_logp"):
+        streamed, stacked = model_map(out, kind), model_map(planted["out"], kind)
+        assert np.abs(stacked).max() > 0, kind
+        np.testing.assert_allclose(streamed, stacked, rtol=1e-5, atol=1e-6, err_msg=kind)
+    assert not list(drv.group_dir(out).glob("*logpFWE*"))  # the permutation maps are gone
 
 
 def test_the_group_report_shows_the_results_table(planted):

@@ -103,34 +103,78 @@ def _merge(partials) -> RunningStats:
 Step = Callable[[object], Iterable[tuple[Hashable, np.ndarray]]]
 
 
-def keyed_block_stats(block: list, step: Step) -> dict:
+def keyed_block_stats(block: list, step: Step, new: Callable = RunningStats) -> dict:
     stats: dict = {}
     for item in block:
         for key, values in step(item):
-            stats.setdefault(key, RunningStats()).add(values)
+            stats.setdefault(key, new()).add(values)
     return stats
 
 
-def accumulate_keyed(items: list, step: Step, workers: int = 1, client=None) -> dict:
-    """key -> ``RunningStats`` of every values ``step`` gave for that key, over ``items`` split in
+def accumulate_keyed(
+    items: list, step: Step, workers: int = 1, client=None, new: Callable = RunningStats
+) -> dict:
+    """key -> ``RunningStats`` (or another accumulator ``new()`` with ``add`` and ``absorb``,
+    e.g. ``GlmSums``) of every values ``step`` gave for that key, over ``items`` split in
     ``workers`` blocks run by local processes (or one task per worker thread of the Dask
     ``client``) and merged in block order. Keys appear in the order they were first met."""
     if client is not None:
         workers = max(1, sum(client.nthreads().values()))
     blocks = split_blocks(items, workers)
     if client is not None:
-        futures = [client.submit(keyed_block_stats, block, step, pure=False) for block in blocks]
-        return _merge_keyed(_results(futures))
+        futures = [
+            client.submit(keyed_block_stats, block, step, new, pure=False) for block in blocks
+        ]
+        return _merge_keyed(_results(futures), new)
     if len(blocks) <= 1:
-        return keyed_block_stats(blocks[0] if blocks else [], step)
+        return keyed_block_stats(blocks[0] if blocks else [], step, new)
     with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(keyed_block_stats, block, step) for block in blocks]
-        return _merge_keyed(_results(futures))
+        futures = [pool.submit(keyed_block_stats, block, step, new) for block in blocks]
+        return _merge_keyed(_results(futures), new)
 
 
-def _merge_keyed(partials) -> dict:
+def _merge_keyed(partials, new: Callable = RunningStats) -> dict:
     total: dict = {}
     for partial in partials:
         for key, stats in partial.items():
-            total.setdefault(key, RunningStats()).absorb(stats)
+            total.setdefault(key, new()).absorb(stats)
     return total
+
+
+# ---- the general linear model's sufficient statistics ------------------------------------------
+
+
+class GlmSums:
+    """What ordinary least squares needs of the data, added one participant at a time: X^T Y
+    (terms x voxels), the sum of y^2 per voxel and the count, in float64. With X^T X (from the
+    design matrix, known before any map is read) they give the coefficients and the residual sum
+    of squares (``inference.fit_glm_sums``), so memory is one partial result, whatever the
+    cohort's size. ``add`` takes (the participant's design row, their values)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.xty: np.ndarray | None = None
+        self.yy: np.ndarray | None = None
+
+    def add(self, row: tuple) -> None:
+        x, y = row
+        y = np.asarray(y, np.float64)
+        if self.xty is None:
+            self.xty = np.zeros((len(x), y.size))
+            self.yy = np.zeros(y.size)
+        for term, value in enumerate(x):
+            self.xty[term] += float(value) * y
+        self.yy += y * y
+        self.count += 1
+
+    def absorb(self, other: GlmSums) -> None:
+        """``other``'s sums added to these; ``other`` is consumed."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.xty, self.yy = other.count, other.xty, other.yy
+        else:
+            self.count += other.count
+            self.xty += other.xty
+            self.yy += other.yy
+        other.xty = other.yy = None

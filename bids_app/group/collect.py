@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,9 +239,12 @@ def collect(
     fetch_template: Callable,
     participant_labels: Iterable[str] = (),
     session_labels: Iterable[str] = (),
+    workers: int = 1,
+    client=None,
 ) -> Collection:
     """Find, group by space and check everything; each space's grid is the template's (or, when
-    TemplateFlow does not have the template, the grid most of the cohort's images are on)."""
+    TemplateFlow does not have the template, the grid most of the cohort's images are on). The
+    files are checked in ``workers`` threads, or on the Dask ``client``'s cluster."""
     found = find_results(output_dir, participant_labels, session_labels)
     by_space: dict[OutputSpace, list[T1wResult]] = {}
     for result in found:
@@ -255,7 +260,7 @@ def collect(
         cuts = outline = None
         if grid is not None and space in previewed:
             cuts, outline = _preview_cuts(grid, template)
-        results = tuple(_check(result, grid, cuts) for result in by_space[space])
+        results = check_all(by_space[space], grid, cuts, workers, client)
         for result in results:
             if result.run_ok and result.problem:
                 log.warning("sub-%s: %s (%s) not used: %s", result.subject, result.prefix,
@@ -376,6 +381,42 @@ def take_preview(canonical: np.ndarray, cuts: tuple[int, int, int]) -> tuple[np.
         np.array(take_slice(canonical, view, cut), dtype=np.float32)
         for view, cut in zip(PREVIEW_VIEWS, cuts, strict=True)
     )
+
+
+# Fewer T1w than this per thread: check them in this thread (a pool costs more than it saves)
+MIN_CHECKS_PER_WORKER = 8
+
+
+def check_all(
+    results: list[T1wResult], grid: Grid | None, cuts, workers: int = 1, client=None
+) -> tuple[T1wResult, ...]:
+    """``_check`` of every result, in their order. Reading a map is decompression (zlib) and
+    array work (numpy), both of which release the GIL, so threads of this process spread it
+    over the cores as well as processes do, without pickling the results' thumbnails back; on
+    a Dask cluster, one task per block of results (per worker thread)."""
+    started = time.monotonic()
+    if client is not None:
+        from bids_app.group.accumulate import split_blocks
+
+        blocks = split_blocks(list(results), max(1, sum(client.nthreads().values())))
+        futures = [client.submit(_check_block, block, grid, cuts, pure=False) for block in blocks]
+        checked = tuple(result for future in futures for result in future.result())
+        where = "on the Dask cluster"
+    else:
+        workers = max(1, min(workers, len(results) // MIN_CHECKS_PER_WORKER))
+        where = f"in {workers} thread(s)"
+        if workers == 1:
+            checked = _check_block(results, grid, cuts)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="mninorm-check") as pool:
+                checked = tuple(pool.map(lambda result: _check(result, grid, cuts), results))
+    log.info("checked the files of %d T1w %s in %.1f s", len(results), where,
+             time.monotonic() - started)  # fmt: skip
+    return checked
+
+
+def _check_block(results: list[T1wResult], grid: Grid | None, cuts) -> tuple[T1wResult, ...]:
+    return tuple(_check(result, grid, cuts) for result in results)
 
 
 def _check(result: T1wResult, grid: Grid | None, cuts) -> T1wResult:

@@ -100,8 +100,6 @@ def smooth_in_mask(volume: np.ndarray, mask: np.ndarray, fwhm_mm: float, zooms) 
 def fit_glm(data: np.ndarray, matrix: np.ndarray, tested: tuple[int, ...]) -> Fit:
     """Ordinary least squares of ``data`` (participants x voxels) on ``matrix``; a t test of the
     tested column (one) or an F test of the tested columns (several)."""
-    from scipy import stats
-
     data = np.asarray(data, np.float64)
     n, p = matrix.shape
     df = n - p
@@ -109,6 +107,32 @@ def fit_glm(data: np.ndarray, matrix: np.ndarray, tested: tuple[int, ...]) -> Fi
     beta = inverse @ matrix.T @ data
     residuals = data - matrix @ beta
     sigma2 = np.einsum("ij,ij->j", residuals, residuals) / df
+    return _tests(beta, sigma2, inverse, tested, df)
+
+
+# A residual sum of squares below this share of the sum of y^2 is rounding: no variance
+_RSS_ROUNDING = 1e-12
+
+
+def fit_glm_sums(sums, matrix: np.ndarray, tested: tuple[int, ...]) -> Fit:
+    """``fit_glm`` from ``accumulate.GlmSums`` of the data (X^T Y and the sum of y^2, added
+    participant by participant in ``matrix``'s row order): beta = (X^T X)^-1 X^T Y, and the
+    residual sum of squares = sum y^2 - sum over terms of beta * X^T Y."""
+    n, p = matrix.shape
+    if sums.count != n:
+        raise ValueError(f"{sums.count} participants' maps summed for a model of {n}")
+    df = n - p
+    inverse = np.linalg.pinv(matrix.T @ matrix)
+    beta = inverse @ sums.xty
+    rss = sums.yy - np.einsum("iv,iv->v", beta, sums.xty)
+    rss[rss <= _RSS_ROUNDING * sums.yy] = 0.0
+    return _tests(beta, rss / df, inverse, tested, df)
+
+
+def _tests(beta, sigma2, inverse, tested: tuple[int, ...], df: int) -> Fit:
+    """The t test of one tested coefficient, or the F test of several."""
+    from scipy import stats
+
     positive = sigma2 > 0
     if len(tested) == 1:
         column = tested[0]
@@ -177,10 +201,17 @@ def fwe_threshold() -> float:
 # ---- the group level's files -----------------------------------------------------------------
 
 
+def permuting(spec: ModelSpec) -> bool:
+    """Whether the model's maps get permutation inference (which needs every participant's data
+    at once); otherwise the fit streams over the participants (``fit_glm_sums``)."""
+    return spec.n_permutations > 0
+
+
 def write_space_inference(
-    output_dir: Path, cohort, model: Model, spec: ModelSpec, atlas: Atlas | None
+    output_dir: Path, cohort, model: Model, spec: ModelSpec, atlas: Atlas | None, reading=None
 ) -> SpaceInference:
-    """Every model map of one space, and its results table."""
+    """Every model map of one space, and its results table. Without permutations the maps are
+    read in parallel as ``reading`` (``maps.Reading``) says, and never all held at once."""
     from bids_app.group.lesions import any_lesion, participant_lesions
     from bids_app.group.maps import JACOBIANS, _load, participant_mean
 
@@ -197,27 +228,85 @@ def write_space_inference(
     if lesions:  # the model needs every participant at a voxel (group/lesions.py)
         mask &= ~any_lesion(lesions, grid.shape)
     written, results = [], []
-    for jacobian in spec.jacobians or tuple(JACOBIANS):
+    jacobians = spec.jacobians or tuple(JACOBIANS)
+    fits = {}
+    if not permuting(spec):
+        fits = streamed_fits(model, spec, rows, mask, grid, jacobians, reading)
+    for jacobian in jacobians:
 
         def read(row, kind=f"logjac_{jacobian}"):
             return _load(row, kind, grid)
 
-        data = np.stack([
-            smooth_in_mask(participant_mean(r, read), mask, spec.smoothing_fwhm, grid.zooms)[mask]
-            for r in rows.values()
-        ])  # fmt: skip
+        data = None
+        if jacobian not in fits:
+            data = np.stack([
+                smooth_in_mask(participant_mean(r, read), mask, spec.smoothing_fwhm,
+                               grid.zooms)[mask]
+                for r in rows.values()
+            ])  # fmt: skip
         paths, result = _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data,
-                                        mask, rows)  # fmt: skip
+                                        mask, rows, fits.get(jacobian))  # fmt: skip
         written += paths
         results.append(result)
     return SpaceInference(model, spec, tuple(written), tuple(results))
 
 
-def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask, rows):
+@dataclass(frozen=True)
+class _ModelRow:
+    """What a worker needs of one participant of the model (picklable, small)."""
+
+    subject: str
+    x: tuple[float, ...]  # their row of the design matrix
+    paths: tuple[dict, ...]  # per included T1w: kind -> Path
+
+
+def streamed_fits(model: Model, spec: ModelSpec, rows: dict, mask: np.ndarray, grid, jacobians,
+                  reading=None) -> dict[str, Fit]:  # fmt: skip
+    """jacobian -> the model fitted from sums (``accumulate.GlmSums``) over the participants,
+    each one's maps read, smoothed and added in a worker (``accumulate_keyed``)."""
+    from functools import partial
+
+    from bids_app.group.accumulate import GlmSums, accumulate_keyed
+    from bids_app.group.maps import Reading
+
+    reading = reading or Reading()
+    items = [
+        _ModelRow(subject, tuple(float(v) for v in model.matrix[i]),
+                  tuple(dict(row.result.paths) for row in rows[subject]))
+        for i, subject in enumerate(model.subjects)
+    ]  # fmt: skip
+    step = partial(participant_model_values, grid=grid, mask=mask, fwhm=spec.smoothing_fwhm,
+                   jacobians=tuple(jacobians))  # fmt: skip
+    workers = 1 if reading.client is not None else reading.workers_for(len(items))
+    log.info("the model's fit streams over %d participants' maps (%s)", len(items),
+             "on the Dask cluster" if reading.client is not None else f"{workers} process(es)")
+    sums = accumulate_keyed(items, step, workers, reading.client, new=GlmSums)
+    return {jacobian: fit_glm_sums(sums[jacobian], model.matrix, model.tested)
+            for jacobian in jacobians}  # fmt: skip
+
+
+def participant_model_values(item: _ModelRow, grid, mask, fwhm: float, jacobians):
+    """(jacobian, (design row, the participant's smoothed in-mask values)) for each Jacobian, each
+    map the mean over the participant's included T1w, as the stacked data of the permutations."""
+    from bids_app.group.maps import _load_at, participant_mean
+
+    for jacobian in jacobians:
+
+        def read(paths, kind=f"logjac_{jacobian}"):
+            return _load_at(item.subject, paths[kind], grid)
+
+        values = participant_mean(item.paths, read)
+        yield jacobian, (item.x, smooth_in_mask(values, mask, fwhm, grid.zooms)[mask])
+
+
+def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask, rows, fit=None):
+    """The maps of one Jacobian, from ``data`` (participants x in-mask voxels), or from ``fit``
+    when the data were streamed (no permutations)."""
     from bids_app.group.maps import _write
 
     grid, label, contrast = cohort.space.grid, cohort.space.label, _contrast_label(model.column)
-    fit = fit_glm(data, model.matrix, model.tested)
+    if fit is None:
+        fit = fit_glm(data, model.matrix, model.tested)
     sidecar = _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows)
 
     def volume(values):

@@ -52,16 +52,31 @@ class GroupOutcome:
 
 
 def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -> GroupOutcome:
-    from bids_app.reports.participant import cached_templates
-
     if fetch_template is None:
         from bids_app.templates import fetch_template
     output_dir = Path(settings.output_dir)
+    client = None
+    if settings.dask_scheduler:
+        from bids_app.scheduler import connect
+
+        client = connect(settings.dask_scheduler)
+    try:
+        return _collect_and_write(settings, output_dir, fetch_template, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _collect_and_write(settings: GroupSettings, output_dir: Path, fetch_template, client):
+    from bids_app.reports.participant import cached_templates
+
     collection = collect(
         output_dir,
         cached_templates(fetch_template),
         settings.participant_labels,
         settings.session_labels,
+        settings.workers,
+        client,
     )
     cohorts = [build_cohort(space) for space in collection.spaces]
     column = settings.group_by
@@ -76,11 +91,6 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
         from bids_app.group.inference import require_stats_extra
 
         require_stats_extra()  # before any work
-    client = None
-    if settings.dask_scheduler:
-        from bids_app.scheduler import connect
-
-        client = connect(settings.dask_scheduler)
     reading = Reading(settings.workers, client)
     try:
         return _write_outputs(
@@ -92,9 +102,6 @@ def run_group(settings: GroupSettings, fetch_template: Callable | None = None) -
             "permissions, then run the group level again (outputs already there are unchanged or "
             "complete: every file is written whole or not at all)"
         ) from err
-    finally:
-        if client is not None:
-            client.close()
 
 
 def _write_outputs(
@@ -108,10 +115,8 @@ def _write_outputs(
         maps = write_space_maps(output_dir, cohort, design, reading)
         inference = None
         if maps.written and design is not None and design.usable and spec is not None:
-            log.info("%s: the permutation model loads every compared participant's maps "
-                     "(smoothed, inside the mask) into memory", cohort.space.space)  # fmt: skip
             atlas = atlases.get(cohort.space.space)
-            inference = _infer(output_dir, cohort, design, table, spec, atlas)
+            inference = _infer(output_dir, cohort, design, table, spec, atlas, reading)
             if not inference.model.usable:
                 problems.append(f"{cohort.space.space}: {inference.model.problem}")
             written += inference.written
@@ -144,9 +149,9 @@ def _write_outputs(
     )  # fmt: skip
 
 
-def _infer(output_dir, cohort, design, table, spec, atlas):
+def _infer(output_dir, cohort, design, table, spec, atlas, reading=None):
     """The model of one space and, when it can be estimated, its maps and results table."""
-    from bids_app.group.inference import SpaceInference, write_space_inference
+    from bids_app.group.inference import SpaceInference, permuting, write_space_inference
     from bids_app.group.model import build_model
 
     volumes = {}
@@ -157,7 +162,10 @@ def _infer(output_dir, cohort, design, table, spec, atlas):
     model = build_model(design, table, spec.covariates, volumes)
     if not model.usable:
         return SpaceInference(model, spec)
-    return write_space_inference(output_dir, cohort, model, spec, atlas)
+    if permuting(spec):
+        log.info("%s: the permutation model loads every compared participant's maps "
+                 "(smoothed, inside the mask) into memory", cohort.space.space)  # fmt: skip
+    return write_space_inference(output_dir, cohort, model, spec, atlas, reading)
 
 
 def _group_values(table, column: str | None, subjects) -> tuple[dict, str | None]:
