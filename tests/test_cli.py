@@ -325,21 +325,26 @@ def test_in_process_tool_output_stays_off_the_console_and_the_descriptors_come_b
     dataset, tmp_path, capfd
 ):
     """--in-process: the T1w's log file takes this very process's descriptors 1 and 2 (the fake
-    engine writes to descriptor 1, as Greedy does), and the console still reaches stderr."""
+    engine writes to descriptor 1, as Greedy does), and the console still reaches stderr. (A
+    skull-stripped T1w: no brain extraction, which is not what this is about.)"""
     root, _ = dataset
     out = tmp_path / "out"
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"t1w": {"run": 1}}))
     code = main(
-        [str(root), str(out), "participant", "--participant-label", "02", "--output-spaces",
-         SPACE, "--preset", "fast", "--nthreads", "1", "--skip-bids-validation", "--in-process"],
+        [str(root), str(out), "participant", "--participant-label", "01", "--bids-filter-file",
+         str(filters), "--output-spaces", SPACE, "--preset", "fast", "--nthreads", "1",
+         "--skip-bids-validation", "--in-process"],
         engines=dataset_engines(),
     )  # fmt: skip
     captured = capfd.readouterr()
     assert code == ExitCode.OK
     assert CHATTER not in captured.out + captured.err
-    t1w_log = (out / "sub-02" / "log" / "sub-02_desc-mninorm_log.txt").read_text()
+    t1w_log = (out / "sub-01" / "log" / "sub-01_ses-1_run-1_desc-mninorm_log.txt").read_text()
     assert CHATTER in t1w_log
-    assert f"sub-02 [1/1] registration to {SPACE} (Greedy, 3 mm grid)... " in captured.err
-    assert "sub-02 [1/1] finished in " in captured.err
+    step = f"sub-01_ses-1_run-1 [1/1] registration to {SPACE} (Greedy, 3 mm grid)... "
+    assert step in captured.err
+    assert "sub-01 [1/1] finished in " in captured.err
     os.write(1, b"descriptor 1 is back\n")
     assert capfd.readouterr().out == "descriptor 1 is back\n"
 
