@@ -257,8 +257,9 @@ def dataset(tmp_path_factory, template_brain, templateflow_home):
 
 @pytest.fixture(scope="session")
 def run(dataset, tmp_path_factory):
-    """One participant-level run, each participant in its own process, as users run it, with
-    stderr and stdout going to a file (``console``: all that a user would see, not a terminal).
+    """One participant-level run, each participant in its own process, as users run it, two at a
+    time (one thread each), with stderr and stdout going to a file (``console``: all that a user
+    would see, not a terminal).
 
     The registrations are the fake engine's (tests/fakes.py): what a real one adds is checked by
     tests/test_registration.py and the real end-to-end run of tests/test_cli.py."""
@@ -274,7 +275,8 @@ def run(dataset, tmp_path_factory):
     with open(console, "a") as stream, redirect_stderr(stream), output_to(console):
         code = main(
             [str(root), str(out), "participant", "--output-spaces", E2E_SPACE,
-             f"{E2E_SPACE}:res-2", "--preset", "fast", "--nthreads", "2", "--skip-bids-validation"],
+             f"{E2E_SPACE}:res-2", "--preset", "fast", "--nthreads", "2", "--omp-nthreads", "1",
+             "--skip-bids-validation"],
             engines=dataset_engines(),
         )  # fmt: skip
     return {

@@ -111,9 +111,9 @@ def test_run_records_name_the_invocation_its_times_and_cpus(run):
         assert run_start <= start <= end
         assert record["CPUCount"] == os.cpu_count()
         assert record["CPUAffinityCount"] == len(os.sched_getaffinity(0))
-        # --nthreads 2: both for one participant at a time (--omp-nthreads defaults to it)
-        assert (record["Threads"], record["ThreadsTotal"]) == (2, 2)
-        assert record["ParallelParticipants"] == 1
+        # --nthreads 2 --omp-nthreads 1: one thread for each of two participants at a time
+        assert (record["Threads"], record["ThreadsTotal"]) == (1, 2)
+        assert record["ParallelParticipants"] == 2
 
 
 # The run record's keys, in the order the pipeline wrote them before RunRecord existed; only
@@ -149,7 +149,7 @@ def test_the_report_tells_about_the_run(run):
     assert f"{record['RunStartTime']}" in about
     assert f"{record['StartTime']} to {record['EndTime']}" in about
     assert f"{os.cpu_count()} on the machine" in about
-    assert "2 per participant, 1 participant(s) at a time, 2 in all" in about
+    assert "1 per participant, 2 participant(s) at a time, 2 in all" in about
     assert '<a href="#about">' in page
 
 
@@ -325,39 +325,49 @@ def test_in_process_tool_output_stays_off_the_console_and_the_descriptors_come_b
     dataset, tmp_path, capfd
 ):
     """--in-process: the T1w's log file takes this very process's descriptors 1 and 2 (the fake
-    engine writes to descriptor 1, as Greedy does), and the console still reaches stderr."""
+    engine writes to descriptor 1, as Greedy does), and the console still reaches stderr. (A
+    skull-stripped T1w: no brain extraction, which is not what this is about.)"""
     root, _ = dataset
     out = tmp_path / "out"
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"t1w": {"run": 1}}))
     code = main(
-        [str(root), str(out), "participant", "--participant-label", "02", "--output-spaces",
-         SPACE, "--preset", "fast", "--nthreads", "1", "--skip-bids-validation", "--in-process"],
+        [str(root), str(out), "participant", "--participant-label", "01", "--bids-filter-file",
+         str(filters), "--output-spaces", SPACE, "--preset", "fast", "--nthreads", "1",
+         "--skip-bids-validation", "--in-process"],
         engines=dataset_engines(),
     )  # fmt: skip
     captured = capfd.readouterr()
     assert code == ExitCode.OK
     assert CHATTER not in captured.out + captured.err
-    t1w_log = (out / "sub-02" / "log" / "sub-02_desc-mninorm_log.txt").read_text()
+    t1w_log = (out / "sub-01" / "log" / "sub-01_ses-1_run-1_desc-mninorm_log.txt").read_text()
     assert CHATTER in t1w_log
-    assert f"sub-02 [1/1] registration to {SPACE} (Greedy, 3 mm grid)... " in captured.err
-    assert "sub-02 [1/1] finished in " in captured.err
+    step = f"sub-01_ses-1_run-1 [1/1] registration to {SPACE} (Greedy, 3 mm grid)... "
+    assert step in captured.err
+    assert "sub-01 [1/1] finished in " in captured.err
     os.write(1, b"descriptor 1 is back\n")
     assert capfd.readouterr().out == "descriptor 1 is back\n"
 
 
 def test_same_seed_and_one_thread_give_identical_outputs(dataset, tmp_path):
+    """Two runs of the command, each in a process of its own (they share nothing), at once: on
+    two cores the pair takes the time of one."""
     root, _ = dataset
     filters = tmp_path / "filters.json"
     filters.write_text(json.dumps({"t1w": {"run": 1}}))
-    digests = []
+    jobs = {}
     for attempt in ("a", "b"):
-        out = tmp_path / attempt
-        code = main(
-            [str(root), str(out), "participant", "--participant-label", "01",
-             "--bids-filter-file", str(filters), "--output-spaces", SPACE, "--preset", "fast",
-             "--nthreads", "1", "--skip-bids-validation"]
-        )  # fmt: skip
-        assert code == ExitCode.OK
-        images = sorted((out / "sub-01" / "ses-1" / "anat").glob("*.nii.gz"))
+        console = tmp_path / f"{attempt}-console.txt"
+        jobs[attempt] = (console, subprocess.Popen(
+            [sys.executable, "-m", "bids_app", str(root), str(tmp_path / attempt), "participant",
+             "--participant-label", "01", "--bids-filter-file", str(filters), "--output-spaces",
+             SPACE, "--preset", "fast", "--nthreads", "1", "--skip-bids-validation"],
+            stdout=subprocess.DEVNULL, stderr=open(console, "w"),  # noqa: SIM115 - the job's own
+        ))  # fmt: skip
+    digests = []
+    for attempt, (console, job) in jobs.items():
+        assert job.wait(timeout=600) == ExitCode.OK, console.read_text()
+        images = sorted((tmp_path / attempt / "sub-01" / "ses-1" / "anat").glob("*.nii.gz"))
         digests.append({p.name: nib.load(p).get_fdata().tobytes() for p in images})
     assert len(digests[0]) == 6  # native T1w and mask, 4 in template space
     assert digests[0] == digests[1]

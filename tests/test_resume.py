@@ -43,12 +43,17 @@ class CountingEngines:
         return engine
 
 
+# The output-affecting settings of conftest's session run (``run``), whose outputs the first run
+# here is: a re-run with them has nothing to redo.
+SPACES = [TEST_TEMPLATE, f"{TEST_TEMPLATE}:res-2"]
+
+
 def _mninorm(root: Path, out: Path, *extra: str, engines=None) -> tuple[int, CountingEngines]:
     engines = engines or CountingEngines()
     with logging_restored():
         code = main(
             [str(root), str(out), "participant", "--participant-label", "01",
-             "--output-spaces", TEST_TEMPLATE, "--preset", "fast", "--nthreads", "1",
+             "--output-spaces", *SPACES, "--preset", "fast", "--nthreads", "1",
              "--skip-bids-validation", "--in-process", *extra],
             engines=engines,
         )  # fmt: skip
@@ -60,15 +65,12 @@ def _run_ids(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first(dataset, tmp_path_factory):
-    """A copy of the test dataset (its inputs are changed below) and one complete first run."""
-    root = tmp_path_factory.mktemp("resume") / "bids"
-    shutil.copytree(dataset[0], root)
-    out = root.parent / "out"
-    code, engines = _mninorm(root, out)
-    assert code == ExitCode.OK
-    assert engines.calls > 0
-    return root, out
+def first(run):
+    """One complete first run: the session's (conftest's ``run``, with the fake engine, as here),
+    read only; the tests change copies of its outputs (``copy``) and of its input."""
+    record = json.loads((run["out"] / T1WS["run-1"]).read_text())
+    assert record["Status"] == "ok" and record["Resume"]["Settings"]["OutputSpaces"] == SPACES
+    return run["root"], run["out"]
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_the_run_record_holds_the_input_hash_and_the_output_settings(first):
     t1w = root / "sub-01/ses-1/anat/sub-01_ses-1_run-2_T1w.nii.gz"
     assert resume["InputSHA256"] == {"T1w": file_sha256(t1w)}
     assert resume["Settings"]["Preset"] == "fast"
-    assert resume["Settings"]["OutputSpaces"] == [TEST_TEMPLATE]
+    assert resume["Settings"]["OutputSpaces"] == SPACES
     assert record["EndTime"]
 
 
