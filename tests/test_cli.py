@@ -563,11 +563,15 @@ def test_real_forward_transform_reproduces_the_normalised_image(real_run):
 
 
 def test_real_tool_output_goes_to_the_t1w_log_never_to_the_console(real_run):
-    """Greedy's line search prints 'IFLAG= -1 LINE SEARCH FAILED ...' to file descriptor 1 on runs
-    that pass QC: the issue's noise."""
+    """Greedy's line search often prints 'IFLAG= -1 LINE SEARCH FAILED ...' to file descriptor 1
+    on runs that pass QC (the issue's noise), but not on every run (two threads): whatever it
+    printed is in the T1w's log, never on the console. That compiled code's output is captured
+    at all is shown deterministically in tests/test_logs.py."""
     t1w_log = (real_run["out"] / "sub-02" / "log" / "sub-02_desc-mninorm_log.txt").read_text()
-    assert "LINE SEARCH FAILED" in t1w_log
+    assert "registration" in t1w_log  # the steps' records are there
     assert "IFLAG" not in real_run["console"] and "LINE SEARCH" not in real_run["console"]
+    printed = t1w_log.count("LINE SEARCH FAILED")
+    assert printed == t1w_log.count("IFLAG= -1")  # whole lines, not cut between the two
 
 
 def _qc_rows(path: Path) -> list[dict]:
