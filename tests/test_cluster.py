@@ -122,3 +122,33 @@ def test_a_worker_killed_mid_participant_loses_nothing(dataset, cluster, tmp_pat
         assert content["Status"] == "ok" and content["EndTime"], record
     assert len(list(out.glob("sub-*/log/*_desc-mninorm_run.json"))) == 3
     assert not [p for p in out.rglob(".*") if ".part" in p.name]
+
+
+def _environment_of_a_spawned_process(names) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(1, get_context("spawn")) as pool:
+        return pool.submit(_read_environment, tuple(names)).result()
+
+
+def _read_environment(names) -> dict:
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_a_participants_process_on_a_worker_gets_the_run_threads_and_no_dask_malloc_setting(
+    monkeypatch,
+):
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 and one thread for the
+    numeric libraries; the participant's process, spawned by the worker, must start with the
+    run's --omp-nthreads and glibc's default allocator instead."""
+    from bids_app.participant.cluster import prepare_participant_environment
+    from bids_app.settings import THREAD_VARIABLES
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    for name in THREAD_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    prepare_participant_environment(3)
+    seen = _environment_of_a_spawned_process(("MALLOC_TRIM_THRESHOLD_", *THREAD_VARIABLES))
+    assert seen.pop("MALLOC_TRIM_THRESHOLD_") is None
+    assert seen == dict.fromkeys(THREAD_VARIABLES, "3")

@@ -51,8 +51,11 @@ def run_on_cluster(
         }  # fmt: skip
         outcomes = {}
         for future in distributed.as_completed(futures):
-            subject = futures[future]
+            subject = futures.pop(future)
             outcomes[subject] = _outcomes_of(future, subject, by_subject[subject])
+            # Forget the result on the cluster: a worker that dies later would otherwise have
+            # its finished participants recomputed elsewhere (their results lived in it).
+            future.release()
     finally:
         client.close()
     return [outcome for subject in by_subject for outcome in outcomes[subject]]
@@ -88,6 +91,7 @@ def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list
         )
     from bids_app.participant.pipeline import WorkFolder, failed_outcome, run_participant
 
+    prepare_participant_environment(settings.omp_nthreads)
     spawn = get_context("spawn")
     child = (_start_child, (settings.omp_nthreads, verbosity, os.getpid()))
     with WorkFolder(settings.work_dir) as work_dir, ProcessPoolExecutor(1, spawn, *child) as pool:
@@ -98,6 +102,18 @@ def participant_task(subject, t1ws, settings, templates, run, verbosity) -> list
         except Exception as err:  # the process died (memory, segfault): report, go on
             message = f"the participant's process died ({type(err).__name__}: {err})"
             return [failed_outcome(t1w, message, time.perf_counter()) for t1w in t1ws]
+
+
+def prepare_participant_environment(threads: int) -> None:
+    """The environment the participant's process starts with (it inherits this worker's).
+
+    Thread counts before the process imports numpy and ITK. And no MALLOC_TRIM_THRESHOLD_,
+    which Dask's nanny gives its workers (``distributed.nanny.pre-spawn-environ``): with it, glibc
+    hands memory back at nearly every free, and ITK's large image allocations made a Greedy
+    registration of ds002748 about 20% slower (12.4-13.3 s -> 15.0-15.5 s, docs/scale.md).
+    """
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    set_thread_environment(threads)
 
 
 def _start_child(threads: int, verbosity: logs.Verbosity, worker_pid: int) -> None:
