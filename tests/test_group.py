@@ -30,8 +30,8 @@ from bids_app.cli import main
 from bids_app.errors import ExitCode, MissingInputError, MninormError
 from bids_app.group import GroupSettings, run_group
 from bids_app.group import maps as maps_module
+from bids_app.group.accumulate import RunningStats
 from bids_app.group.cohort import robust_z
-from bids_app.group.maps import RunningStats
 from bids_app.outputs import derivatives as drv
 from bids_app.spaces import OutputSpace
 

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_app.errors import MninormError
-from bids_app.group.collect import Grid, read_map
-from bids_app.group.maps import RunningStats
+from bids_app.group.collect import Grid, read_map, split_blocks
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,48 @@ log = logging.getLogger(__name__)
 Participant = tuple[Path, ...]
 
 
-def split_blocks(participants: list[Participant], count: int) -> list[list[Participant]]:
-    """``count`` contiguous blocks of near-equal size (fewer when there are fewer participants)."""
-    count = max(1, min(count, len(participants)))
-    edges = np.linspace(0, len(participants), count + 1).round().astype(int)
-    return [participants[start:end] for start, end in zip(edges[:-1], edges[1:], strict=True)]
+class RunningStats:
+    """Voxel-wise count, mean and sum of squared deviations (M2), updated one image at a time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        """Welford's update. ``values`` (float64) is consumed: it is overwritten."""
+        self.count += 1
+        if self.mean is None:
+            self.mean, self.m2 = values, np.zeros_like(values)
+            return
+        delta = values - self.mean
+        self.mean += delta / self.count
+        values -= self.mean  # x - new mean
+        values *= delta
+        self.m2 += values
+
+    def absorb(self, other: RunningStats) -> None:
+        """Chan et al.'s combination of two partial results; ``other`` is consumed."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = other.count, other.mean, other.m2
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * (other.count / total)
+        delta *= delta
+        delta *= self.count * other.count / total
+        self.m2 += other.m2
+        self.m2 += delta
+        self.count = total
+        other.mean = other.m2 = None
+
+    def sd(self) -> np.ndarray | None:
+        """Sample standard deviation (n - 1); None for fewer than two images."""
+        if self.count < 2:
+            return None
+        return np.sqrt(np.maximum(self.m2, 0) / (self.count - 1))
 
 
 def participant_values(paths: Participant, grid: Grid) -> np.ndarray:

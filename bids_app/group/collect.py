@@ -383,6 +383,13 @@ def take_preview(canonical: np.ndarray, cuts: tuple[int, int, int]) -> tuple[np.
     )
 
 
+def split_blocks(items: list, count: int) -> list[list]:
+    """``count`` contiguous blocks of near-equal size (fewer when there are fewer items)."""
+    count = max(1, min(count, len(items)))
+    edges = np.linspace(0, len(items), count + 1).round().astype(int)
+    return [items[start:end] for start, end in zip(edges[:-1], edges[1:], strict=True)]
+
+
 # Fewer T1w than this per thread: check them in this thread (a pool costs more than it saves)
 MIN_CHECKS_PER_WORKER = 8
 
@@ -396,8 +403,6 @@ def check_all(
     a Dask cluster, one task per block of results (per worker thread)."""
     started = time.monotonic()
     if client is not None:
-        from bids_app.group.accumulate import split_blocks
-
         blocks = split_blocks(list(results), max(1, sum(client.nthreads().values())))
         futures = [client.submit(_check_block, block, grid, cuts, pure=False) for block in blocks]
         checked = tuple(result for future in futures for result in future.result())

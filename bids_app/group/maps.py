@@ -34,6 +34,7 @@ import numpy as np
 
 from bids_app import __version__
 from bids_app.errors import MninormError
+from bids_app.group.accumulate import RunningStats
 from bids_app.group.cohort import CohortRow, SpaceCohort
 from bids_app.group.collect import Grid, read_map
 from bids_app.group.design import Design
@@ -69,50 +70,6 @@ class Reading:
 
     def workers_for(self, participants: int) -> int:
         return max(1, min(self.workers, participants // MIN_PARTICIPANTS_PER_WORKER))
-
-
-class RunningStats:
-    """Voxel-wise count, mean and sum of squared deviations (M2), updated one image at a time."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None
-
-    def add(self, values: np.ndarray) -> None:
-        """Welford's update. ``values`` (float64) is consumed: it is overwritten."""
-        self.count += 1
-        if self.mean is None:
-            self.mean, self.m2 = values, np.zeros_like(values)
-            return
-        delta = values - self.mean
-        self.mean += delta / self.count
-        values -= self.mean  # x - new mean
-        values *= delta
-        self.m2 += values
-
-    def absorb(self, other: RunningStats) -> None:
-        """Chan et al.'s combination of two partial results; ``other`` is consumed."""
-        if other.count == 0:
-            return
-        if self.count == 0:
-            self.count, self.mean, self.m2 = other.count, other.mean, other.m2
-            return
-        total = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean += delta * (other.count / total)
-        delta *= delta
-        delta *= self.count * other.count / total
-        self.m2 += other.m2
-        self.m2 += delta
-        self.count = total
-        other.mean = other.m2 = None
-
-    def sd(self) -> np.ndarray | None:
-        """Sample standard deviation (n - 1); None for fewer than two images."""
-        if self.count < 2:
-            return None
-        return np.sqrt(np.maximum(self.m2, 0) / (self.count - 1))
 
 
 @dataclass(frozen=True)
