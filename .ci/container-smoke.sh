@@ -135,7 +135,7 @@ make_wheelhouse() {
     extras=$(sed -n 's/^ARG EXTRAS="\(.*\)"$/\1/p' "$REPO/Dockerfile" | tr ' ' ',')
     [[ -n $extras ]] || fail "no ARG EXTRAS=\"...\" line in $REPO/Dockerfile"
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$WHEELHOUSE" \
-        "$project[$extras]" "${requires[@]}" >"$SCRATCH/pip-download.log" 2>&1 ||
+        "${project}[${extras}]" "${requires[@]}" >"$SCRATCH/pip-download.log" 2>&1 ||
         fail "pip download failed, see $SCRATCH/pip-download.log"
     rm -rf "$project"
 }
