@@ -105,15 +105,16 @@ def design(n: int) -> np.ndarray:
 
 
 def smoothed(grid: Grid, data: np.ndarray, fwhm: float) -> np.ndarray:
-    from bids_app.group.inference import smooth_in_mask
+    from bids_app.group.inference import mask_weight, smooth_in_mask
 
     if fwhm <= 0:
         return data
+    weight = mask_weight(grid.mask, fwhm, grid.zooms)
     volume = np.zeros(grid.mask.shape, np.float32)
     out = np.empty_like(data)
     for i, row in enumerate(data):
         volume[grid.mask] = row
-        out[i] = smooth_in_mask(volume, grid.mask, fwhm, grid.zooms)[grid.mask]
+        out[i] = smooth_in_mask(volume, grid.mask, fwhm, grid.zooms, weight)[grid.mask]
     return out
 
 

@@ -27,6 +27,8 @@ from bids_app.errors import MninormError
 from bids_app.group.clusters import Atlas, Cluster, find_clusters, write_clusters
 from bids_app.group.model import Model, ModelSpec
 from bids_app.group.tfce import STEP as TFCE_STEP
+from bids_app.group.tfce import E as TFCE_E
+from bids_app.group.tfce import H as TFCE_H
 from bids_app.outputs import derivatives as drv
 
 log = logging.getLogger(__name__)
@@ -81,16 +83,31 @@ def sigma_voxels(fwhm_mm: float, zooms) -> tuple[float, ...]:
     return tuple(fwhm_mm / _FWHM_PER_SIGMA / float(z) for z in zooms)
 
 
-def smooth_in_mask(volume: np.ndarray, mask: np.ndarray, fwhm_mm: float, zooms) -> np.ndarray:
+def mask_weight(mask: np.ndarray, fwhm_mm: float, zooms) -> np.ndarray | None:
+    """The smoothed mask that ``smooth_in_mask`` divides by: the same for every participant of
+    a space, so computed once and passed in (None without smoothing)."""
+    from scipy.ndimage import gaussian_filter
+
+    if fwhm_mm <= 0:
+        return None
+    inside = np.asarray(mask, bool).astype(np.float32)
+    return gaussian_filter(inside, sigma_voxels(fwhm_mm, zooms), mode="constant")
+
+
+def smooth_in_mask(
+    volume: np.ndarray, mask: np.ndarray, fwhm_mm: float, zooms, weight: np.ndarray | None = None
+) -> np.ndarray:
     """``volume`` smoothed with a Gaussian of ``fwhm_mm`` using only the voxels in ``mask``
-    (normalised by the smoothed mask); 0 outside ``mask``."""
+    (normalised by the smoothed mask, ``weight``: ``mask_weight``'s, computed here if not given);
+    0 outside ``mask``."""
     from scipy.ndimage import gaussian_filter
 
     inside = np.asarray(mask, bool)
     if fwhm_mm <= 0:
         return np.where(inside, volume, 0).astype(np.float32)
     sigma = sigma_voxels(fwhm_mm, zooms)
-    weight = gaussian_filter(inside.astype(np.float32), sigma, mode="constant")
+    if weight is None:
+        weight = mask_weight(inside, fwhm_mm, zooms)
     smoothed = gaussian_filter(
         np.where(inside, volume, 0).astype(np.float32), sigma, mode="constant"
     )
@@ -229,9 +246,10 @@ def write_space_inference(
         mask &= ~any_lesion(lesions, grid.shape)
     written, results = [], []
     jacobians = spec.jacobians or tuple(JACOBIANS)
+    weight = mask_weight(mask, spec.smoothing_fwhm, grid.zooms)
     fits = {}
     if not permuting(spec):
-        fits = streamed_fits(model, spec, rows, mask, grid, jacobians, reading)
+        fits = streamed_fits(model, spec, rows, mask, weight, grid, jacobians, reading)
     for jacobian in jacobians:
 
         def read(row, kind=f"logjac_{jacobian}"):
@@ -241,7 +259,7 @@ def write_space_inference(
         if jacobian not in fits:
             data = np.stack([
                 smooth_in_mask(participant_mean(r, read), mask, spec.smoothing_fwhm,
-                               grid.zooms)[mask]
+                               grid.zooms, weight)[mask]
                 for r in rows.values()
             ])  # fmt: skip
         paths, result = _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data,
@@ -260,8 +278,8 @@ class _ModelRow:
     paths: tuple[dict, ...]  # per included T1w: kind -> Path
 
 
-def streamed_fits(model: Model, spec: ModelSpec, rows: dict, mask: np.ndarray, grid, jacobians,
-                  reading=None) -> dict[str, Fit]:  # fmt: skip
+def streamed_fits(model: Model, spec: ModelSpec, rows: dict, mask: np.ndarray, weight, grid,
+                  jacobians, reading=None) -> dict[str, Fit]:  # fmt: skip
     """jacobian -> the model fitted from sums (``accumulate.GlmSums``) over the participants,
     each one's maps read, smoothed and added in a worker (``accumulate_keyed``)."""
     from functools import partial
@@ -275,8 +293,8 @@ def streamed_fits(model: Model, spec: ModelSpec, rows: dict, mask: np.ndarray, g
                   tuple(dict(row.result.paths) for row in rows[subject]))
         for i, subject in enumerate(model.subjects)
     ]  # fmt: skip
-    step = partial(participant_model_values, grid=grid, mask=mask, fwhm=spec.smoothing_fwhm,
-                   jacobians=tuple(jacobians))  # fmt: skip
+    step = partial(participant_model_values, grid=grid, mask=mask, weight=weight,
+                   fwhm=spec.smoothing_fwhm, jacobians=tuple(jacobians))  # fmt: skip
     workers = 1 if reading.client is not None else reading.workers_for(len(items))
     log.info("the model's fit streams over %d participants' maps (%s)", len(items),
              "on the Dask cluster" if reading.client is not None else f"{workers} process(es)")
@@ -285,7 +303,7 @@ def streamed_fits(model: Model, spec: ModelSpec, rows: dict, mask: np.ndarray, g
             for jacobian in jacobians}  # fmt: skip
 
 
-def participant_model_values(item: _ModelRow, grid, mask, fwhm: float, jacobians):
+def participant_model_values(item: _ModelRow, grid, mask, weight, fwhm: float, jacobians):
     """(jacobian, (design row, the participant's smoothed in-mask values)) for each Jacobian, each
     map the mean over the participant's included T1w, as the stacked data of the permutations."""
     from bids_app.group.maps import _load_at, participant_mean
@@ -296,7 +314,7 @@ def participant_model_values(item: _ModelRow, grid, mask, fwhm: float, jacobians
             return _load_at(item.subject, paths[kind], grid)
 
         values = participant_mean(item.paths, read)
-        yield jacobian, (item.x, smooth_in_mask(values, mask, fwhm, grid.zooms)[mask])
+        yield jacobian, (item.x, smooth_in_mask(values, mask, fwhm, grid.zooms, weight)[mask])
 
 
 def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask, rows, fit=None):
@@ -341,7 +359,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
           f"distribution{', two-sided' if model.statistic == 't' else ''}), of {what}.",
           Statistic="-log10 p", MultipleComparisonCorrection="none")  # fmt: skip
     permutations = None
-    if spec.n_permutations > 0:
+    if permuting(spec):
         permutations = permute(data, model.matrix, model.tested, mask, grid.affine, spec)
         correction = {"PermutationSeconds": round(permutations.seconds, 1)}
         write(
@@ -358,7 +376,7 @@ def _write_jacobian(output_dir, cohort, model, spec, atlas, jacobian, data, mask
             write(
                 "model_tfce",
                 permutations.tfce,
-                "Threshold-free cluster enhancement (E 0.5, H 2, height step "
+                f"Threshold-free cluster enhancement (E {TFCE_E:g}, H {TFCE_H:g}, height step "
                 f"{TFCE_STEP:g}, 6-connectivity) of the {_tfce_input(model)} map of {what}.",
                 Statistic="TFCE",
             )
@@ -464,13 +482,13 @@ def _sidecar(output_dir, cohort, model, spec, jacobian, fit, rows) -> dict:
         "Permutations": {
             "Count": spec.n_permutations,
             "Seed": spec.seed,
-            "TFCE": spec.tfce and spec.n_permutations > 0,
+            "TFCE": spec.tfce and permuting(spec),
             "Method": "Freedman-Lane (residuals of the nuisance columns permuted), "
             f"{_sides(model)}, max-{model.statistic} over the analysis mask (mninorm's "
             "bids_app/group/tfce.py)",
-            **({"TFCEParameters": {"E": 0.5, "H": 2, "HeightStep": TFCE_STEP, "Connectivity": 6,
-                                   "Map": _tfce_input(model)}}
-               if spec.tfce and spec.n_permutations > 0 else {}),
+            **({"TFCEParameters": {"E": TFCE_E, "H": TFCE_H, "HeightStep": TFCE_STEP,
+                                   "Connectivity": 6, "Map": _tfce_input(model)}}
+               if spec.tfce and permuting(spec) else {}),
         },  # fmt: skip
         "OnePerParticipant": "each participant's map is the mean of their included T1w "
         "(sessions, runs) in this space",

@@ -87,10 +87,11 @@ def _collect_and_write(settings: GroupSettings, output_dir: Path, fetch_template
 
         # a wrong --atlas (or a TemplateFlow atlas not here) fails before any work
         atlases = load_atlases(settings.model.atlas, [c.space.space for c in cohorts])
-    if column and settings.model is not None and settings.model.n_permutations > 0:
-        from bids_app.group.inference import require_stats_extra
+    if column and settings.model is not None:
+        from bids_app.group.inference import permuting, require_stats_extra
 
-        require_stats_extra()  # before any work
+        if permuting(settings.model):
+            require_stats_extra()  # before any work
     reading = Reading(settings.workers, client)
     try:
         return _write_outputs(
