@@ -102,8 +102,9 @@ RUN pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
 # Nothing below needs a writable $HOME or a passwd entry, so any uid works (docker --user,
 # Singularity/Apptainer): caches go to /tmp, templates are read-only, TemplateFlow never updates.
 # The thread counts are defaults for whatever is not told otherwise; mninorm --nthreads /
-# --omp-nthreads set them for its own run. Dask workers must not be daemonic processes: each
-# participant runs in a process of its own that the worker starts.
+# --omp-nthreads set them for its own run. The DASK_ variables are bids_app.scheduler.CLUSTER_CONFIG
+# (a test keeps them equal): workers must not be daemonic, since each participant runs in a process
+# the worker starts, and they wake up less often, since their tasks wait minutes on that process.
 ENV HOME=/tmp \
     TMPDIR=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
@@ -116,7 +117,11 @@ ENV HOME=/tmp \
     OPENBLAS_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
     MNINORM_CONTAINER_IMAGE=${IMAGE_NAME}:${VERSION} \
-    DASK_DISTRIBUTED__WORKER__DAEMON=False
+    DASK_DISTRIBUTED__WORKER__DAEMON=False \
+    DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False \
+    DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s \
+    DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=1s \
+    DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s
 
 USER 1000:1000
 WORKDIR /tmp

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dask-kill-after", type=float, metavar="SECONDS",
         help="dask part: also run on a LocalCluster one of whose workers is killed SECONDS in",
     )
+    scale.add_argument(
+        "--dask-defaults", action="store_true",
+        help="dask part: also run on a LocalCluster with Dask's default settings (non-daemonic)",
+    )
     return parser
 
 
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out, args.parts, args.participants, args.requested, args.whole,
             args.resume_participants, args.group_participants, args.group_resolution,
             args.group_workers, args.group_compare, args.group_distinct, args.dask_dataset,
-            args.dask_participants, args.dask_preset, args.dask_kill_after,
+            args.dask_participants, args.dask_preset, args.dask_kill_after, args.dask_defaults,
         )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows

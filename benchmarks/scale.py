@@ -18,9 +18,10 @@ finished run, on this machine, each measured in a fresh process.
   --n-permutations 0``) with each ``--group-workers`` count as ``--nthreads`` (wall time, CPU
   time, peak memory of the process tree).
 - ``dask``: the same participants' first run with the local executor (``--nthreads 2
-  --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes (wall
-  time, CPU time, complete participants, exit code); with ``--dask-kill-after S``, once more
-  with one worker process killed S seconds in. The resume part's synthetic participants and the
+  --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes with
+  mninorm's worker settings (wall time, CPU time, complete participants, exit code); with
+  ``--dask-defaults``, once more with Dask's default settings; with ``--dask-kill-after S``, once
+  more with one worker process killed S seconds in. The resume part's synthetic participants and the
   fake engine, or, with ``--dask-dataset DIR``, the first ``--dask-participants`` of a real BIDS
   dataset with the real engine and ``--dask-preset``.
 
@@ -274,22 +275,24 @@ LOCAL_CLUSTER = "LocalCluster, 2 workers of 1 thread"
 
 
 def bench_dask(out: Path, participants: int, dataset: Path | None = None, preset: str = "fast",
-               kill_after: float | None = None) -> dict:  # fmt: skip
+               kill_after: float | None = None, dask_defaults: bool = False) -> dict:  # fmt: skip
     """The same participants' first run with the local executor (``--nthreads 2 --omp-nthreads
-    1``) and on a Dask LocalCluster of 2 single-threaded worker processes; with ``kill_after``,
+    1``) and on a Dask LocalCluster of 2 single-threaded worker processes with mninorm's settings
+    (``scheduler.CLUSTER_CONFIG``); with ``dask_defaults``, once more on one with Dask's own
+    settings (but non-daemonic workers); with ``kill_after``,
     once more on a fresh LocalCluster, one of whose worker processes is killed (SIGKILL) that many
     seconds into the run. Without ``dataset``: the resume part's synthetic participants and the
     fake engine; with it: its first ``participants`` participants and the real engine
     (``TEMPLATEFLOW_HOME`` as set, else ``../shared/data/templateflow``)."""
     saved = dict(os.environ)
     try:
-        return _bench_dask(out, participants, dataset, preset, kill_after)
+        return _bench_dask(out, participants, dataset, preset, kill_after, dask_defaults)
     finally:  # the later parts see the environment they were given
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _bench_dask(out, participants, dataset, preset, kill_after) -> dict:
+def _bench_dask(out, participants, dataset, preset, kill_after, dask_defaults) -> dict:
     if dataset is None:
         templateflow, root = make_resume_inputs(out, participants)
         labels = _labels(participants)
@@ -318,6 +321,10 @@ def _bench_dask(out, participants, dataset, preset, kill_after) -> dict:
 
     rows = {LOCAL_EXECUTOR: _run_executor(out, "dask_local", command, labels)}
     rows[LOCAL_CLUSTER] = _run_executor(out, "dask_cluster", command, labels, cluster=True)
+    if dask_defaults:
+        rows[f"{LOCAL_CLUSTER}, Dask's default settings"] = _run_executor(
+            out, "dask_defaults", command, labels, cluster=True, dask_defaults=True
+        )
     if kill_after is not None:
         rows[f"{LOCAL_CLUSTER}, one killed after {kill_after:g} s"] = _run_executor(
             out, "dask_killed", command, labels, cluster=True, kill_after=kill_after
@@ -340,8 +347,10 @@ def _dataset_labels(root: Path) -> list[str]:
     return sorted(p.name.removeprefix("sub-") for p in root.glob("sub-*") if p.is_dir())
 
 
-def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
-                  kill_after: float | None = None) -> dict:  # fmt: skip
+def _run_executor(
+    out: Path, name: str, command, labels, cluster: bool = False,
+    kill_after: float | None = None, dask_defaults: bool = False,
+) -> dict:  # fmt: skip
     """One run of ``command`` into a fresh ``<out>/<name>_out``, measured: wall time of the
     command; CPU time of every process it (and, with ``cluster``, the LocalCluster started for it
     and closed after it) ran and waited for; participants whose every run record ends ``ok``;
@@ -354,7 +363,7 @@ def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
     shutil.rmtree(results, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     killed: dict = {}
-    with _local_cluster() if cluster else contextlib.nullcontext() as local_cluster:
+    with _local_cluster(dask_defaults) if cluster else contextlib.nullcontext() as local_cluster:
         extra = ("--dask-scheduler", local_cluster.scheduler_address) if cluster else ()
         timer = None
         if kill_after is not None:
@@ -378,13 +387,16 @@ def _run_executor(out: Path, name: str, command, labels, cluster: bool = False,
 
 
 @contextlib.contextmanager
-def _local_cluster():
+def _local_cluster(dask_defaults: bool = False):
     import dask
     import distributed
 
-    # A daemonic worker process may not start the participant's process: non-daemonic for the
-    # first workers and for those the nannies start again after a kill (the whole cluster's life)
-    with dask.config.set({"distributed.worker.daemon": False}):
+    from bids_app.scheduler import CLUSTER_CONFIG
+
+    # For the first workers and for those the nannies start again after a kill (the whole
+    # cluster's life); a daemonic worker may not start the participant's process at all
+    config = {"distributed.worker.daemon": False} if dask_defaults else CLUSTER_CONFIG
+    with dask.config.set(config):
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         )
@@ -537,7 +549,7 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
         group_workers: tuple[int, ...] = (1, 2), group_compare: bool = False,
         group_distinct: int = 100, dask_dataset: Path | None = None,
         dask_participants: int | None = None, dask_preset: str = "fast",
-        dask_kill_after: float | None = None) -> int:  # fmt: skip
+        dask_kill_after: float | None = None, dask_defaults: bool = False) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -548,7 +560,7 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
     if "dask" in parts:
         results["dask" if dask_dataset is None else "dask_real"] = bench_dask(
             out, dask_participants or resume_participants, dask_dataset, dask_preset,
-            dask_kill_after,
+            dask_kill_after, dask_defaults,
         )
     if "group" in parts:
         key = f"group_res-{group_resolution}_{group_participants}" + (

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +19,7 @@ from conftest import E2E_SPACE, dataset_engines, logging_restored
 
 from bids_app.cli import main
 from bids_app.errors import ExitCode
+from bids_app.scheduler import CLUSTER_CONFIG, cluster_environment
 
 
 def _argv(root: Path, out: Path, *extra: str) -> list[str]:
@@ -35,7 +37,7 @@ def cluster():
     dask = pytest.importorskip("dask")
     distributed = pytest.importorskip("distributed")
     # For the nannies' first workers and for the ones they start again after a kill
-    with dask.config.set({"distributed.worker.daemon": False}):
+    with dask.config.set(CLUSTER_CONFIG):
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         )
@@ -154,3 +156,74 @@ def test_a_participants_process_on_a_worker_gets_the_run_threads_and_no_dask_mal
     seen = _environment_of_a_spawned_process(("MALLOC_TRIM_THRESHOLD_", *THREAD_VARIABLES))
     assert seen.pop("MALLOC_TRIM_THRESHOLD_") is None
     assert seen == dict.fromkeys(THREAD_VARIABLES, "3")
+
+
+# ---- mninorm's worker settings (scheduler.CLUSTER_CONFIG) ---------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_worker_settings_as_environment_variables_are_what_dask_reads_back():
+    dask = pytest.importorskip("dask")
+    read_back = dask.config.collect_env(cluster_environment())
+    with dask.config.set(read_back):
+        for key, value in CLUSTER_CONFIG.items():
+            assert dask.config.get(key) == value, key
+
+
+@pytest.mark.parametrize("document", ["Dockerfile", "docs/scale.md"])
+def test_the_image_and_the_docs_give_workers_every_setting(document):
+    text = (ROOT / document).read_text()
+    for name, value in cluster_environment().items():
+        assert f"{name}={value}" in text, f"{document} lacks {name}={value}"
+
+
+@pytest.fixture
+def threads_cluster():
+    """A cluster whose workers are threads of this process: they read this process's config."""
+    distributed = pytest.importorskip("distributed")
+
+    def start():
+        return distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        )
+
+    return start
+
+
+def test_workers_with_dasks_defaults_are_named_and_advised(threads_cluster, caplog):
+    import dask
+
+    from bids_app.participant.cluster import run_on_cluster
+
+    defaults = {"distributed.admin.tick.interval": "20ms", "distributed.worker.daemon": True,
+                "distributed.worker.profile.enabled": True,
+                "distributed.worker.memory.monitor-interval": "100ms",
+                "distributed.admin.system-monitor.interval": "500ms"}  # fmt: skip
+    with dask.config.set(defaults), threads_cluster() as cluster:
+        settings = SimpleNamespace(dask_scheduler=cluster.scheduler_address)
+        with caplog.at_level("WARNING"):
+            assert run_on_cluster({}, settings, None, None, None) == []
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    for name, value in cluster_environment().items():
+        assert f"{name}={value}" in warning
+
+
+def test_workers_with_mninorms_settings_or_calmer_pass(threads_cluster):
+    calmer = {**CLUSTER_CONFIG, "distributed.admin.system-monitor.interval": "5s"}
+    assert _differing(threads_cluster, calmer) == []
+    faster = {**CLUSTER_CONFIG, "distributed.admin.tick.interval": "200ms"}
+    assert _differing(threads_cluster, faster) == ["distributed.admin.tick.interval"]
+
+
+def _differing(start_cluster, config: dict) -> list[str]:
+    import dask
+
+    from bids_app.scheduler import connect, settings_differing
+
+    with (
+        dask.config.set(config),
+        start_cluster() as cluster,
+        connect(cluster.scheduler_address) as client,
+    ):
+        return settings_differing(client)

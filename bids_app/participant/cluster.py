@@ -23,7 +23,7 @@ from multiprocessing import get_context
 from bids_app import logs, progress
 from bids_app.errors import UsageError
 from bids_app.outputs.provenance import RunInfo
-from bids_app.scheduler import connect, import_distributed
+from bids_app.scheduler import advice, connect, import_distributed, settings_differing
 from bids_app.settings import Settings, set_thread_environment
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ def run_on_cluster(
     distributed = import_distributed()
     client = connect(settings.dask_scheduler)
     try:
+        differing = settings_differing(client)
+        if differing:
+            log.warning("%s", advice(differing))
         futures = {
             client.submit(
                 participant_task, subject, t1ws, settings, templates, run, verbosity,
