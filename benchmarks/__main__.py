@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dask-defaults", action="store_true",
         help="dask part: also run on a LocalCluster with Dask's default settings (non-daemonic)",
     )
+    scale.add_argument(
+        "--dask-repeats", type=int, default=1,
+        help="dask part: runs of the local executor and of the cluster each, alternating (1)",
+    )
     return parser
 
 
@@ -207,13 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         return run_stats(settings, ["python", "-m", "benchmarks", *(argv or sys.argv[1:])])
     if args.command == "scale":
+        from benchmarks.scale import DaskRuns
         from benchmarks.scale import run as run_scale
 
+        dask = DaskRuns(
+            args.dask_participants or args.resume_participants, args.dask_dataset,
+            args.dask_preset, args.dask_kill_after, args.dask_defaults, args.dask_repeats,
+        )  # fmt: skip
         return run_scale(
             args.out, args.parts, args.participants, args.requested, args.whole,
             args.resume_participants, args.group_participants, args.group_resolution,
-            args.group_workers, args.group_compare, args.group_distinct, args.dask_dataset,
-            args.dask_participants, args.dask_preset, args.dask_kill_after, args.dask_defaults,
+            args.group_workers, args.group_compare, args.group_distinct, dask,
         )  # fmt: skip
     if args.command == "report":
         from benchmarks.report import read_rows

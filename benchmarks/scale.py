@@ -21,7 +21,8 @@ finished run, on this machine, each measured in a fresh process.
   --omp-nthreads 1``) and on a Dask LocalCluster of 2 single-threaded worker processes with
   mninorm's worker settings (wall time, CPU time, complete participants, exit code); with
   ``--dask-defaults``, once more with Dask's default settings; with ``--dask-kill-after S``, once
-  more with one worker process killed S seconds in. The resume part's synthetic participants and the
+  more with one worker process killed S seconds in; ``--dask-repeats N`` runs the first two N
+  times each, alternating. The resume part's synthetic participants and the
   fake engine, or, with ``--dask-dataset DIR``, the first ``--dask-participants`` of a real BIDS
   dataset with the real engine and ``--dask-preset``.
 
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -274,31 +276,42 @@ LOCAL_EXECUTOR = "local executor, --nthreads 2 --omp-nthreads 1"
 LOCAL_CLUSTER = "LocalCluster, 2 workers of 1 thread"
 
 
-def bench_dask(out: Path, participants: int, dataset: Path | None = None, preset: str = "fast",
-               kill_after: float | None = None, dask_defaults: bool = False) -> dict:  # fmt: skip
-    """The same participants' first run with the local executor (``--nthreads 2 --omp-nthreads
-    1``) and on a Dask LocalCluster of 2 single-threaded worker processes with mninorm's settings
-    (``scheduler.CLUSTER_CONFIG``); with ``dask_defaults``, once more on one with Dask's own
-    settings (but non-daemonic workers); with ``kill_after``,
-    once more on a fresh LocalCluster, one of whose worker processes is killed (SIGKILL) that many
-    seconds into the run. Without ``dataset``: the resume part's synthetic participants and the
-    fake engine; with it: its first ``participants`` participants and the real engine
+@dataclass(frozen=True)
+class DaskRuns:
+    """What the ``dask`` part runs: ``participants`` of ``dataset`` (the real engine; ``None``:
+    the resume part's synthetic ones and the fake engine) with ``preset``; the local executor
+    and a LocalCluster with mninorm's worker settings ``repeats`` times each, in the order
+    local, cluster, cluster, local, ... (so that a drift of the machine's speed during the runs
+    falls on both alike); ``defaults``: a run on a LocalCluster with Dask's own settings;
+    ``kill_after``: a run whose worker is killed that many seconds in."""
+
+    participants: int
+    dataset: Path | None = None
+    preset: str = "fast"
+    kill_after: float | None = None
+    defaults: bool = False
+    repeats: int = 1
+
+
+def bench_dask(out: Path, runs: DaskRuns) -> dict:
+    """The participants' first runs of ``runs`` (``DaskRuns``), each into a fresh output folder
     (``TEMPLATEFLOW_HOME`` as set, else ``../shared/data/templateflow``)."""
     saved = dict(os.environ)
     try:
-        return _bench_dask(out, participants, dataset, preset, kill_after, dask_defaults)
+        return _bench_dask(out, runs)
     finally:  # the later parts see the environment they were given
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _bench_dask(out, participants, dataset, preset, kill_after, dask_defaults) -> dict:
+def _bench_dask(out: Path, runs: DaskRuns) -> dict:
+    dataset, preset = runs.dataset, runs.preset
     if dataset is None:
-        templateflow, root = make_resume_inputs(out, participants)
-        labels = _labels(participants)
+        templateflow, root = make_resume_inputs(out, runs.participants)
+        labels = _labels(runs.participants)
     else:
         root = Path(dataset).resolve()
-        labels = _dataset_labels(root)[:participants]
+        labels = _dataset_labels(root)[: runs.participants]
         templateflow = Path(
             os.environ.get("TEMPLATEFLOW_HOME") or ROOT.parent / "shared" / "data" / "templateflow"
         )
@@ -319,15 +332,20 @@ def _bench_dask(out, participants, dataset, preset, kill_after, dask_defaults) -
         argv += ["--output-spaces", RESUME_TEMPLATE]
         return [sys.executable, "-c", _FAKE_CHILD, str(ROOT / "tests"), json.dumps(argv)]
 
-    rows = {LOCAL_EXECUTOR: _run_executor(out, "dask_local", command, labels)}
-    rows[LOCAL_CLUSTER] = _run_executor(out, "dask_cluster", command, labels, cluster=True)
-    if dask_defaults:
+    rows = {}
+    for repeat, executor in alternating(runs.repeats):
+        name, suffix = (LOCAL_CLUSTER, "cluster") if executor else (LOCAL_EXECUTOR, "local")
+        if runs.repeats > 1:
+            name, suffix = f"{name}, run {repeat + 1}", f"{suffix}_{repeat + 1}"
+        row = _run_executor(out, f"dask_{suffix}", command, labels, cluster=executor)
+        rows[name] = {**row, "executor": "cluster" if executor else "local"}
+    if runs.defaults:
         rows[f"{LOCAL_CLUSTER}, Dask's default settings"] = _run_executor(
             out, "dask_defaults", command, labels, cluster=True, dask_defaults=True
         )
-    if kill_after is not None:
-        rows[f"{LOCAL_CLUSTER}, one killed after {kill_after:g} s"] = _run_executor(
-            out, "dask_killed", command, labels, cluster=True, kill_after=kill_after
+    if runs.kill_after is not None:
+        rows[f"{LOCAL_CLUSTER}, one killed after {runs.kill_after:g} s"] = _run_executor(
+            out, "dask_killed", command, labels, cluster=True, kill_after=runs.kill_after
         )
     what = f"{root.name}, preset {preset}" if dataset is not None else "synthetic, fake engine"
     for name, row in rows.items():
@@ -338,9 +356,38 @@ def _bench_dask(out, participants, dataset, preset, kill_after, dask_defaults) -
         )
         for line in row["failures"]:
             print(f"    {line}")
+    means = executor_means(rows)
+    if runs.repeats > 1:
+        print(f"dask, mean of {runs.repeats} runs each: " + "; ".join(
+            f"{name} {mean['seconds']:.1f} s (participants' own {mean['participant_seconds']:.1f})"
+            for name, mean in means.items()
+        ))  # fmt: skip
     return {"participants": len(labels), "dataset": str(root) if dataset is not None else None,
             "engine": "real" if dataset is not None else "fake", "preset": preset,
-            "rows": rows}  # fmt: skip
+            "repeats": runs.repeats, "rows": rows, "means": means}  # fmt: skip
+
+
+def executor_means(rows: dict) -> dict:
+    """Per executor, the mean wall time and participants' own time of its plain runs (not the
+    killed one nor the one with Dask's defaults)."""
+    means = {}
+    for executor in ("local", "cluster"):
+        plain = [row for row in rows.values() if row.get("executor") == executor]
+        if plain:
+            means[executor] = {
+                key: round(sum(row[key] for row in plain) / len(plain), 1)
+                for key in ("seconds", "participant_seconds")
+            }
+    return means
+
+
+def alternating(repeats: int) -> list[tuple[int, bool]]:
+    """(repeat, on the cluster) in the order local, cluster, cluster, local, local, ..."""
+    order = []
+    for repeat in range(repeats):
+        pair = [False, True] if repeat % 2 == 0 else [True, False]
+        order += [(repeat, cluster) for cluster in pair]
+    return order
 
 
 def _dataset_labels(root: Path) -> list[str]:
@@ -379,6 +426,7 @@ def _run_executor(
     row = {
         "seconds": round(measured.wall_s, 1), "cpu_seconds": round(cpu, 1),
         "complete": len(complete_participants(results, labels)), "code": measured.returncode,
+        "participant_seconds": participant_seconds(results),
         "failures": failure_lines(log_path), "log": str(log_path),
     }  # fmt: skip
     if killed:
@@ -421,6 +469,15 @@ def _kill_a_worker(cluster, killed: dict) -> None:
             killed.update(worker=victim, pid=pids[victim], running=running)
     except Exception as err:  # noqa: BLE001 - the row says the kill did not happen, and why
         killed["error"] = f"{type(err).__name__}: {err}"
+
+
+def participant_seconds(results: Path) -> float:
+    """The sum of the run records' own times (``TotalSeconds``): the participants' work, without
+    the executor's (starting processes, scheduling)."""
+    total = 0.0
+    for record in results.glob("sub-*/log/*_desc-mninorm_run.json"):
+        total += json.loads(record.read_text()).get("TotalSeconds") or 0.0
+    return round(total, 1)
 
 
 def complete_participants(results: Path, labels) -> list[str]:
@@ -547,9 +604,7 @@ def _check_seconds(log_path: Path) -> float | None:
 def run(out: Path, parts: list[str], participants: int, requested: int, whole: bool,
         resume_participants: int, group_participants: int = 1000, group_resolution: int = 2,
         group_workers: tuple[int, ...] = (1, 2), group_compare: bool = False,
-        group_distinct: int = 100, dask_dataset: Path | None = None,
-        dask_participants: int | None = None, dask_preset: str = "fast",
-        dask_kill_after: float | None = None, dask_defaults: bool = False) -> int:  # fmt: skip
+        group_distinct: int = 100, dask: DaskRuns | None = None) -> int:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -558,10 +613,8 @@ def run(out: Path, parts: list[str], participants: int, requested: int, whole: b
     if "resume" in parts:
         results["resume"] = bench_resume(out, resume_participants)
     if "dask" in parts:
-        results["dask" if dask_dataset is None else "dask_real"] = bench_dask(
-            out, dask_participants or resume_participants, dask_dataset, dask_preset,
-            dask_kill_after, dask_defaults,
-        )
+        dask = dask or DaskRuns(resume_participants)
+        results["dask" if dask.dataset is None else "dask_real"] = bench_dask(out, dask)
     if "group" in parts:
         key = f"group_res-{group_resolution}_{group_participants}" + (
             "_group-by" if group_compare else ""

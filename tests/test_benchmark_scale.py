@@ -100,7 +100,30 @@ def _alive(pid: int) -> bool:
 def test_the_dask_options_reach_the_part():
     args = build_parser().parse_args([
         "scale", "--parts", "dask", "--dask-dataset", "/data/ds", "--dask-participants", "2",
-        "--dask-preset", "precise", "--dask-kill-after", "30",
+        "--dask-preset", "precise", "--dask-kill-after", "30", "--dask-repeats", "2",
     ])  # fmt: skip
     assert args.parts == ["dask"] and args.dask_dataset == Path("/data/ds")
     assert (args.dask_participants, args.dask_preset, args.dask_kill_after) == (2, "precise", 30.0)
+    assert args.dask_repeats == 2
+
+
+def test_repeated_runs_alternate_so_a_drift_falls_on_both_executors():
+    order = scale.alternating(3)
+    assert order == [(0, False), (0, True), (1, True), (1, False), (2, False), (2, True)]
+    for repeats in (2, 4):  # an even count: a linear drift adds the same total to each executor
+        order = scale.alternating(repeats)
+        drift = [sum(i for i, (_, c) in enumerate(order) if c == on) for on in (False, True)]
+        assert drift[0] == drift[1] > 0 and len(order) == 2 * repeats
+
+
+def test_the_means_are_over_the_plain_runs_only():
+    rows = {
+        "a": {"executor": "local", "seconds": 10.0, "participant_seconds": 8.0},
+        "b": {"executor": "local", "seconds": 12.0, "participant_seconds": 9.0},
+        "c": {"executor": "cluster", "seconds": 11.0, "participant_seconds": 9.0},
+        "killed": {"seconds": 99.0, "participant_seconds": 1.0},
+    }
+    assert scale.executor_means(rows) == {
+        "local": {"seconds": 11.0, "participant_seconds": 8.5},
+        "cluster": {"seconds": 11.0, "participant_seconds": 9.0},
+    }

@@ -42,9 +42,7 @@ def run_on_cluster(
     distributed = import_distributed()
     client = connect(settings.dask_scheduler)
     try:
-        differing = settings_differing(client)
-        if differing:
-            log.warning("%s", advice(differing))
+        _check_workers(client)
         futures = {
             client.submit(
                 participant_task, subject, t1ws, settings, templates, run, verbosity,
@@ -62,6 +60,18 @@ def run_on_cluster(
     finally:
         client.close()
     return [outcome for subject in by_subject for outcome in outcomes[subject]]
+
+
+def _check_workers(client) -> None:
+    """A warning when some worker runs without mninorm's worker settings (they are advice: a
+    check that fails is only logged)."""
+    try:
+        differing = settings_differing(client)
+    except Exception as err:  # noqa: BLE001 - e.g. a worker that cannot run the check
+        log.info("could not read the Dask workers' settings: %s", err)
+        return
+    if differing:
+        log.warning("%s", advice(differing))
 
 
 def _outcomes_of(future, subject: str, t1ws) -> list:
