@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dask-repeats", type=int, default=1,
         help="dask part: runs of the local executor and of the cluster each, alternating (1)",
     )
+    scale.add_argument(
+        "--dask-side-by-side", action="store_true",
+        help="dask part: also the local executor and a 1-worker cluster at the same time",
+    )
     return parser
 
 
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         dask = DaskRuns(
             args.dask_participants or args.resume_participants, args.dask_dataset,
             args.dask_preset, args.dask_kill_after, args.dask_defaults, args.dask_repeats,
+            args.dask_side_by_side,
         )  # fmt: skip
         return run_scale(
             args.out, args.parts, args.participants, args.requested, args.whole,

@@ -22,9 +22,10 @@ finished run, on this machine, each measured in a fresh process.
   mninorm's worker settings (wall time, CPU time, complete participants, exit code); with
   ``--dask-defaults``, once more with Dask's default settings; with ``--dask-kill-after S``, once
   more with one worker process killed S seconds in; ``--dask-repeats N`` runs the first two N
-  times each, alternating. The resume part's synthetic participants and the
-  fake engine, or, with ``--dask-dataset DIR``, the first ``--dask-participants`` of a real BIDS
-  dataset with the real engine and ``--dask-preset``.
+  times each, alternating; ``--dask-side-by-side`` runs the local executor and a one-worker
+  cluster (one participant at a time each) at the same time. The resume part's synthetic
+  participants and the fake engine, or, with ``--dask-dataset DIR``, the first
+  ``--dask-participants`` of a real BIDS dataset with the real engine and ``--dask-preset``.
 
 Results: ``<out>/scale.json`` and the lines printed.
 """
@@ -283,7 +284,10 @@ class DaskRuns:
     and a LocalCluster with mninorm's worker settings ``repeats`` times each, in the order
     local, cluster, cluster, local, ... (so that a drift of the machine's speed during the runs
     falls on both alike); ``defaults``: a run on a LocalCluster with Dask's own settings;
-    ``kill_after``: a run whose worker is killed that many seconds in."""
+    ``kill_after``: a run whose worker is killed that many seconds in; ``side_by_side``: the
+    local executor and a one-worker LocalCluster, one participant at a time each, run at the
+    same time on the same participants (each into its own folder), so that both see the same
+    machine: a drift of its speed, which shifts runs made one after the other, falls on both."""
 
     participants: int
     dataset: Path | None = None
@@ -291,6 +295,7 @@ class DaskRuns:
     kill_after: float | None = None
     defaults: bool = False
     repeats: int = 1
+    side_by_side: bool = False
 
 
 def bench_dask(out: Path, runs: DaskRuns) -> dict:
@@ -323,9 +328,9 @@ def _bench_dask(out: Path, runs: DaskRuns) -> dict:
     if dataset is None:
         sys.path.insert(0, str(ROOT / "tests"))
 
-    def command(results: Path, *extra: str) -> list[str]:
+    def command(results: Path, *extra: str, nthreads: int = 2) -> list[str]:
         argv = [str(root), str(results), "participant", "--participant-label", *labels,
-                "--preset", preset, "--nthreads", "2", "--omp-nthreads", "1",
+                "--preset", preset, "--nthreads", str(nthreads), "--omp-nthreads", "1",
                 "--skip-bids-validation", *extra]  # fmt: skip
         if dataset is not None:
             return [sys.executable, "-m", "bids_app", *argv]
@@ -347,11 +352,15 @@ def _bench_dask(out: Path, runs: DaskRuns) -> dict:
         rows[f"{LOCAL_CLUSTER}, one killed after {runs.kill_after:g} s"] = _run_executor(
             out, "dask_killed", command, labels, cluster=True, kill_after=runs.kill_after
         )
+    if runs.side_by_side:
+        rows.update(_run_side_by_side(out, command, labels))
     what = f"{root.name}, preset {preset}" if dataset is not None else "synthetic, fake engine"
     for name, row in rows.items():
         print(
             f"dask, {len(labels)} participants ({what}), {name}: {row['seconds']:.1f} s "
-            f"(CPU {row['cpu_seconds']:.1f} s); {row['complete']}/{len(labels)} complete; "
+            + (f"(CPU {row['cpu_seconds']:.1f} s) " if row["cpu_seconds"] is not None else "")
+            + f"(participants' own {row['participant_seconds']:.1f} s); "
+            f"{row['complete']}/{len(labels)} complete; "
             f"exit {row['code']}" + (f"; killed {row['killed']}" if row.get("killed") else "")
         )
         for line in row["failures"]:
@@ -379,6 +388,43 @@ def executor_means(rows: dict) -> dict:
                 for key in ("seconds", "participant_seconds")
             }
     return means
+
+
+SIDE_LOCAL = "side by side: local executor, --nthreads 1 --omp-nthreads 1"
+SIDE_CLUSTER = "side by side: LocalCluster, 1 worker of 1 thread"
+
+
+def _run_side_by_side(out: Path, command, labels) -> dict:
+    """The local executor and the cluster at the same time, one participant at a time each, on
+    the same participants: wall time, participants' own time, complete, exit code (no CPU
+    time: the two share the machine's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.measure import run_measured
+
+    names = {SIDE_LOCAL: "side_local", SIDE_CLUSTER: "side_cluster"}
+    for name in names.values():
+        shutil.rmtree(out / f"{name}_out", ignore_errors=True)
+    with _local_cluster(workers=1) as cluster, ThreadPoolExecutor(2) as pool:
+        extra = {SIDE_LOCAL: (), SIDE_CLUSTER: ("--dask-scheduler", cluster.scheduler_address)}
+        measured = {
+            row: pool.submit(
+                run_measured, command(out / f"{name}_out", *extra[row], nthreads=1),
+                env=dict(os.environ), log_path=out / f"{name}.log", timeout_s=6 * 3600,
+            )
+            for row, name in names.items()
+        }  # fmt: skip
+        rows = {}
+        for row, name in names.items():
+            results, result = out / f"{name}_out", measured[row].result()
+            rows[row] = {
+                "seconds": round(result.wall_s, 1), "cpu_seconds": None,
+                "participant_seconds": participant_seconds(results),
+                "complete": len(complete_participants(results, labels)),
+                "code": result.returncode, "failures": failure_lines(out / f"{name}.log"),
+                "log": str(out / f"{name}.log"),
+            }  # fmt: skip
+    return rows
 
 
 def alternating(repeats: int) -> list[tuple[int, bool]]:
@@ -435,7 +481,7 @@ def _run_executor(
 
 
 @contextlib.contextmanager
-def _local_cluster(dask_defaults: bool = False):
+def _local_cluster(dask_defaults: bool = False, workers: int = 2):
     import dask
     import distributed
 
@@ -446,7 +492,7 @@ def _local_cluster(dask_defaults: bool = False):
     config = {"distributed.worker.daemon": False} if dask_defaults else CLUSTER_CONFIG
     with dask.config.set(config):
         cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
         try:
             yield cluster

@@ -127,3 +127,40 @@ def test_the_means_are_over_the_plain_runs_only():
         "local": {"seconds": 11.0, "participant_seconds": 8.5},
         "cluster": {"seconds": 11.0, "participant_seconds": 9.0},
     }
+
+
+# Notes when it ran, its --nthreads and --dask-scheduler, and a run record of 2 s of own time
+_SIDE_STAND_IN = """
+import json, sys, time
+from pathlib import Path
+out, argv = Path(sys.argv[1]), sys.argv[2:]
+began = time.time()
+time.sleep(1.0)
+log = out / "sub-01" / "log"
+log.mkdir(parents=True)
+(log / "sub-01_desc-mninorm_run.json").write_text(
+    json.dumps({"Status": "ok", "EndTime": "t", "TotalSeconds": 2.0}))
+(out / "ran.json").write_text(json.dumps({"began": began, "ended": time.time(), "argv": argv}))
+"""
+
+
+def test_side_by_side_runs_both_executors_at_the_same_time(tmp_path):
+    pytest.importorskip("distributed")
+
+    def command(results: Path, *extra: str, nthreads: int = 2) -> list[str]:
+        return [sys.executable, "-c", _SIDE_STAND_IN, str(results), "--nthreads", str(nthreads),
+                *extra]  # fmt: skip
+
+    rows = scale._run_side_by_side(tmp_path, command, ["01"])
+    assert set(rows) == {scale.SIDE_LOCAL, scale.SIDE_CLUSTER}
+    ran = {
+        name: json.loads((tmp_path / f"{name}_out" / "ran.json").read_text())
+        for name in ("side_local", "side_cluster")
+    }
+    local, cluster = ran["side_local"], ran["side_cluster"]
+    assert local["began"] < cluster["ended"] and cluster["began"] < local["ended"]  # overlapped
+    assert local["argv"] == ["--nthreads", "1"]
+    assert cluster["argv"][:3] == ["--nthreads", "1", "--dask-scheduler"]
+    for row in rows.values():
+        assert (row["code"], row["complete"], row["participant_seconds"]) == (0, 1, 2.0)
+        assert row["cpu_seconds"] is None and row["seconds"] >= 1.0
