@@ -17,9 +17,8 @@ _CONNECT_SECONDS = 30
 # A participant's task only waits, for minutes, on the process it started, while that process
 # uses the node's cores. Dask's defaults suit short tasks: each worker samples its busy threads'
 # stacks every 10 ms and its loops wake every 20 ms (tick), 100 ms (memory) and 500 ms (system
-# monitor). On the 2-core machine those wake-ups made the participants' processes 5-10% slower;
-# with these settings, as fast as under the local executor (docs/scale.md). A daemonic worker
-# may not start the participant's process at all.
+# monitor), CPU taken from the participants (docs/scale.md). A daemonic worker may not start
+# the participant's process at all.
 CLUSTER_CONFIG = {
     "distributed.worker.daemon": False,
     "distributed.worker.profile.enabled": False,
@@ -54,10 +53,12 @@ def advice(keys: list[str]) -> str:
     """What to tell the user whose workers run without ``keys`` of ``CLUSTER_CONFIG``."""
     variables = cluster_environment({key: CLUSTER_CONFIG[key] for key in keys})
     settings = " ".join(f"{name}={value}" for name, value in variables.items())
+    why = "they leave the participants' processes the CPU that Dask's frequent wake-ups take"
+    if "distributed.worker.daemon" in keys:
+        why = "a daemonic worker cannot start a participant's process (its task fails); " + why
     return (
-        f"the Dask workers run without mninorm's settings {settings}; start them with these in "
-        "their environment (docs/scale.md; the container image has them): without them, "
-        "participants ran 5-10% slower on a busy node, and a daemonic worker cannot start them"
+        f"the Dask workers run without mninorm's settings {settings}: start them with these in "
+        f"their environment (docs/scale.md; the container image has them): {why}"
     )
 
 

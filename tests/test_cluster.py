@@ -207,6 +207,14 @@ def test_workers_with_dasks_defaults_are_named_and_advised(threads_cluster, capl
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     for name, value in cluster_environment().items():
         assert f"{name}={value}" in warning
+    assert "a daemonic worker cannot start a participant's process" in warning
+
+
+def test_the_advice_speaks_of_daemonic_workers_only_when_they_are():
+    from bids_app.scheduler import advice
+
+    assert "daemonic" not in advice(["distributed.admin.tick.interval"])
+    assert "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s" in advice(["distributed.admin.tick.interval"])
 
 
 def test_workers_with_mninorms_settings_or_calmer_pass(threads_cluster):
