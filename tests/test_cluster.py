@@ -213,8 +213,10 @@ def test_workers_with_dasks_defaults_are_named_and_advised(threads_cluster, capl
 def test_the_advice_speaks_of_daemonic_workers_only_when_they_are():
     from bids_app.scheduler import advice
 
-    assert "daemonic" not in advice(["distributed.admin.tick.interval"])
-    assert "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s" in advice(["distributed.admin.tick.interval"])
+    tick_only = advice(["distributed.admin.tick.interval"])
+    assert "daemonic" not in tick_only
+    assert "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s" in tick_only
+    assert "PROFILE" not in tick_only
 
 
 def test_workers_with_mninorms_settings_or_calmer_pass(threads_cluster):
