@@ -414,17 +414,7 @@ def _run_side_by_side(out: Path, command, labels) -> dict:
             )
             for row, name in names.items()
         }  # fmt: skip
-        rows = {}
-        for row, name in names.items():
-            results, result = out / f"{name}_out", measured[row].result()
-            rows[row] = {
-                "seconds": round(result.wall_s, 1), "cpu_seconds": None,
-                "participant_seconds": participant_seconds(results),
-                "complete": len(complete_participants(results, labels)),
-                "code": result.returncode, "failures": failure_lines(out / f"{name}.log"),
-                "log": str(out / f"{name}.log"),
-            }  # fmt: skip
-    return rows
+        return {row: _row(measured[row].result(), out, name, labels) for row, name in names.items()}
 
 
 def alternating(repeats: int) -> list[tuple[int, bool]]:
@@ -469,15 +459,22 @@ def _run_executor(
     # (closed: its worker processes reaped, their CPU time counted)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    row = {
-        "seconds": round(measured.wall_s, 1), "cpu_seconds": round(cpu, 1),
+    row = _row(measured, out, name, labels, cpu_seconds=round(cpu, 1))
+    if killed:
+        row["killed"] = killed
+    return row
+
+
+def _row(measured, out: Path, name: str, labels, cpu_seconds: float | None = None) -> dict:
+    """The figures of one run named ``name`` (outputs in ``<out>/<name>_out``, its log in
+    ``<out>/<name>.log``), as ``scale.json`` keeps them."""
+    results, log_path = out / f"{name}_out", out / f"{name}.log"
+    return {
+        "seconds": round(measured.wall_s, 1), "cpu_seconds": cpu_seconds,
         "complete": len(complete_participants(results, labels)), "code": measured.returncode,
         "participant_seconds": participant_seconds(results),
         "failures": failure_lines(log_path), "log": str(log_path),
     }  # fmt: skip
-    if killed:
-        row["killed"] = killed
-    return row
 
 
 @contextlib.contextmanager

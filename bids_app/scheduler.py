@@ -53,12 +53,14 @@ def advice(keys: list[str]) -> str:
     """What to tell the user whose workers run without ``keys`` of ``CLUSTER_CONFIG``."""
     variables = cluster_environment({key: CLUSTER_CONFIG[key] for key in keys})
     settings = " ".join(f"{name}={value}" for name, value in variables.items())
-    why = "they leave the participants' processes the CPU that Dask's frequent wake-ups take"
+    reasons = []
     if "distributed.worker.daemon" in keys:
-        why = "a daemonic worker cannot start a participant's process (its task fails); " + why
+        reasons.append("a daemonic worker cannot start a participant's process (its task fails)")
+    if set(keys) - {"distributed.worker.daemon"}:
+        reasons.append("the others leave the participants the CPU Dask's frequent wake-ups take")
     return (
         f"the Dask workers run without mninorm's settings {settings}: start them with these in "
-        f"their environment (docs/scale.md; the container image has them): {why}"
+        f"their environment (docs/scale.md; the container image has them): {'; '.join(reasons)}"
     )
 
 

@@ -237,3 +237,11 @@ def _differing(start_cluster, config: dict) -> list[str]:
         connect(cluster.scheduler_address) as client,
     ):
         return settings_differing(client)
+
+
+def test_the_advice_for_daemonic_workers_alone_speaks_of_nothing_else():
+    from bids_app.scheduler import advice
+
+    daemon_only = advice(["distributed.worker.daemon"])
+    assert "a daemonic worker cannot start a participant's process" in daemon_only
+    assert "wake-ups" not in daemon_only
